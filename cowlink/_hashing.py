@@ -1,0 +1,70 @@
+"""Content digests (xxh3-128) and byte-for-byte comparison: the only module that imports xxhash.
+
+A digest only proposes a match. Nothing is linked on a digest alone: `same_content`
+compares the bytes just before linking, because a guest can craft a collision.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NewType
+
+import xxhash
+
+Digest = NewType("Digest", bytes)
+
+HEAD_SIZE = 4096
+_CHUNK = 1 << 20
+
+
+def digest_bytes(data: bytes) -> Digest:
+    return Digest(xxhash.xxh3_128_digest(data))
+
+
+def head_digest(fd: int, size: int) -> Digest:
+    """Digest of the first HEAD_SIZE bytes; for a file no larger, this is its full digest."""
+    return digest_bytes(os.pread(fd, HEAD_SIZE, 0))
+
+
+def full_digest(fd: int, size: int) -> Digest:
+    """Digest of the whole file, read from offset 0 through `fd` (its position is not used).
+
+    Raises:
+        ValueError: the file is no longer `size` bytes long.
+    """
+    if size <= HEAD_SIZE:
+        data = os.pread(fd, HEAD_SIZE + 1, 0)
+        if len(data) != size:
+            raise ValueError("file changed size while being read")
+        return digest_bytes(data)
+    hasher = xxhash.xxh3_128()
+    buf = bytearray(min(_CHUNK, size))
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            break
+        hasher.update(view[:n])
+        offset += n
+    if offset != size:
+        raise ValueError("file changed size while being read")
+    return Digest(hasher.digest())
+
+
+def same_content(fd_a: int, fd_b: int, size: int) -> bool:
+    """Compare two files byte by byte over `size` bytes, and check neither is longer."""
+    offset = 0
+    step = min(_CHUNK, max(size, 1))
+    while offset < size:
+        a = os.pread(fd_a, step, offset)
+        b = os.pread(fd_b, step, offset)
+        if a != b or not a:
+            return False
+        offset += len(a)
+    return os.pread(fd_a, 1, size) == b"" and os.pread(fd_b, 1, size) == b""
+
+
+def key_digest(data: bytes) -> str:
+    """A short hex name for a link key (mode, owner, xattrs, mtime): part of the object name."""
+    return xxhash.xxh3_64_hexdigest(data)
