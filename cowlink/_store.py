@@ -12,6 +12,7 @@ the same content and key becomes the object of the next slot.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -19,8 +20,11 @@ import re
 import secrets
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import _linux
 from ._hashing import key_digest
 
 _XATTR_CHUNK = struct.Struct("<I")
@@ -115,3 +119,42 @@ class TempNames:
             return False
         nonce, _, mac = name[len(self.PREFIX) :].partition(b"-")
         return hmac.compare_digest(mac, self._mac(nonce))
+
+
+class InUseForWriting(OSError):
+    """Someone holds the inode open for writing, so it cannot be thawed safely."""
+
+
+@contextmanager
+def thawed(fd: int, *, lease: bool = True) -> Iterator[None]:
+    """Clear an object's immutable flag for the moment a name must be added or removed.
+
+    A name of an immutable inode can be neither linked, renamed nor unlinked. The flag is
+    cleared only while we hold a read lease on `fd` (open read-only): the lease cannot be
+    had while anyone has the inode open for writing, and while it is held any open for
+    writing waits for us. A writer that got through meanwhile finds the flag set again
+    when we let it go, and the kernel refuses its writes. So the content is never
+    writable, even for a moment. Pass lease=False when the caller already holds one.
+
+    Raises:
+        InUseForWriting: someone has the inode open for writing.
+    """
+    if lease:
+        try:
+            _linux.take_read_lease(fd)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise InUseForWriting(exc.errno, "the file is open for writing") from None
+            raise
+    try:
+        flagged = _linux.is_immutable(fd)
+        if flagged:
+            _linux.set_immutable(fd, False)
+        try:
+            yield
+        finally:
+            if flagged:
+                _linux.set_immutable(fd, True)
+    finally:
+        if lease:
+            _linux.release_lease(fd)

@@ -54,6 +54,7 @@ from ._store import (
     object_name,
     parse_object_name,
     read_key,
+    thawed,
 )
 from ._walk import FILE_FLAGS, DirChanged, DirOpener, FileRec, Observer, Tree, same_stat, walk
 
@@ -964,11 +965,8 @@ class _Engine:
         if not self.flags_ok:
             yield
             return
-        _linux.set_immutable(fd, False)
-        try:
+        with thawed(fd, lease=False):
             yield
-        finally:
-            _linux.set_immutable(fd, True)
 
     @contextmanager
     def _open_object(self, row: ObjectRow) -> Iterator[int]:
