@@ -233,15 +233,15 @@ def test_guest_hardlinks_stay_one_group_and_copies_stay_apart(home: Path) -> Non
     assert same_inode(a / "usr/bin/perl", b / "usr/bin/perl5.36.0")
     assert same_inode(a / "usr/share/c1", a / "usr/share/c2")
     with Catalogue.open(home / "catalogue.sqlite") as cat:
-        root = os.path.realpath(a)
-        perl = cat.group_of(root, b"/usr/bin/perl")
+        root_key = os.path.realpath(a)
+        perl = cat.group_of(root_key, b"/usr/bin/perl")
         assert perl is not None
-        assert cat.group_names(root, perl) == [b"/usr/bin/perl", b"/usr/bin/perl5.36.0"]
-        c1, c2 = cat.group_of(root, b"/usr/share/c1"), cat.group_of(root, b"/usr/share/c2")
+        assert cat.group_names(root_key, perl) == [b"/usr/bin/perl", b"/usr/bin/perl5.36.0"]
+        c1, c2 = cat.group_of(root_key, b"/usr/share/c1"), cat.group_of(root_key, b"/usr/share/c2")
         assert c1 is not None
         assert c2 is not None
         assert c1 != c2
-        assert cat.group_names(root, c1) == [b"/usr/share/c1"]
+        assert cat.group_names(root_key, c1) == [b"/usr/share/c1"]
 
 
 def test_identical_files_inside_one_guest_are_merged(home: Path) -> None:
@@ -353,10 +353,9 @@ def test_a_file_open_for_writing_is_not_adopted(home: Path) -> None:
 def test_file_changed_between_hashing_and_linking_is_kept(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cowlink._unify as engine
+    from cowlink._hashing import same_content as real
 
     a, b = make_guests(home, {"usr/lib/racy": b"R" * 9000})
-    real = engine.same_content
 
     def compare_then_change(fd_a: int, fd_b: int, size: int) -> bool:
         equal = real(fd_a, fd_b, size)
@@ -364,7 +363,7 @@ def test_file_changed_between_hashing_and_linking_is_kept(
             f.write(b"guest")
         return equal
 
-    monkeypatch.setattr(engine, "same_content", compare_then_change)
+    monkeypatch.setattr("cowlink._unify.same_content", compare_then_change)
     report = cowlink(home, "unify", "--json").json
 
     assert report["files_linked"] == 0
@@ -375,22 +374,22 @@ def test_file_changed_between_hashing_and_linking_is_kept(
 def test_directory_swapped_for_symlink_to_root_is_not_followed(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cowlink._unify as engine
+    from cowlink._walk import Tree
+    from cowlink._walk import walk as real_walk
 
     outside = tmp_path / "outside"
     write(outside / "lib/payload", b"P" * 5000)
     _a, b = make_guests(home, {"usr/lib/payload": b"P" * 5000})
     before_outside = manifest(outside)
-    real_walk = engine.walk
 
-    def walk_then_swap(*args: object, **kwargs: object) -> engine.Tree:
+    def walk_then_swap(*args: object, **kwargs: object) -> Tree:
         tree = real_walk(*args, **kwargs)  # type: ignore[arg-type]
         if tree.root == os.path.realpath(b):
             os.rename(b / "usr", b / "usr.moved")
             os.symlink(str(outside), b / "usr")
         return tree
 
-    monkeypatch.setattr(engine, "walk", walk_then_swap)
+    monkeypatch.setattr("cowlink._unify.walk", walk_then_swap)
     result = cowlink(home, "unify", "--json")
 
     assert result.exit_code in (0, 1)
@@ -402,17 +401,16 @@ def test_directory_swapped_for_symlink_to_root_is_not_followed(
 
 
 def test_per_file_errors_are_listed_and_exit_1(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cowlink._unify as engine
+    from cowlink._hashing import full_digest as real
 
     a, b = make_guests(home, {"usr/lib/ok": b"o" * 9000, "usr/lib/bad": b"b" * 8000})
-    real = engine.full_digest
 
     def failing(fd: int, size: int) -> bytes:
         if size == 8000:
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, size)
 
-    monkeypatch.setattr(engine, "full_digest", failing)
+    monkeypatch.setattr("cowlink._unify.full_digest", failing)
     result = cowlink(home, "unify", "--json")
 
     assert result.exit_code == 1
