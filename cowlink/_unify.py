@@ -67,7 +67,6 @@ class UnifyOptions:
     default_excludes: bool = True
     allow_mutable: bool = False
     wait: bool = False
-    metrics_file: str | None = None
 
 
 @dataclass

@@ -79,7 +79,6 @@ def unify(
     allow_mutable: bool,
     wait: bool,
     as_json: bool,
-    metrics_file: str | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -100,7 +99,6 @@ def unify(
         default_excludes=not no_default_excludes,
         allow_mutable=allow_mutable,
         wait=wait,
-        metrics_file=metrics_file,
     )
     report = run_unify(home, options, console)
     if as_json:
