@@ -149,6 +149,10 @@ class Catalogue:
     def forget_digests(self, inodes: Iterable[tuple[int, int]]) -> None:
         self._db.executemany("DELETE FROM digests WHERE dev = ? AND ino = ?", inodes)
 
+    def digest_inodes(self) -> list[tuple[int, int]]:
+        """(dev, ino) of every digest row: gc drops those of inodes that are gone."""
+        return [(r[0], r[1]) for r in self._db.execute("SELECT dev, ino FROM digests")]
+
     # -- store objects ------------------------------------------------------------------
 
     def objects(self) -> list[ObjectRow]:

@@ -55,3 +55,15 @@ class Problem:
 
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "error": self.error}
+
+
+class NoSpace(CowlinkError):
+    """The filesystem lacks the space or inodes a command needs; nothing was half-written."""
+
+
+class ReadOnly(CowlinkError):
+    """The filesystem is (or became) read-only; the command stopped, nothing was lost."""
+
+
+class GuestRunning(CowlinkError):
+    """The guest is running, so its tree cannot be removed."""

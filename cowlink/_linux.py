@@ -143,3 +143,39 @@ def mount_point_of(path: str) -> str:
         if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
             best = mp
     return best
+
+
+# -- private copies (split, copy-on-write) ---------------------------------------------
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+
+
+def clone_file(dst_fd: int, src_fd: int) -> None:
+    """Share all of `src_fd`'s extents with `dst_fd` (a reflink); OSError where unsupported."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+def clone_unsupported(exc: OSError) -> bool:
+    """True when FICLONE failed because the filesystem (or this pair of files) cannot share."""
+    return exc.errno in _UNSUPPORTED_ERRNOS | {errno.EXDEV, errno.EBADF, errno.EPERM}
+
+
+def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each data segment below `size`, found with SEEK_DATA/SEEK_HOLE.
+
+    A filesystem without hole support reports the whole file as one segment.
+    """
+    segments: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            segments.append((start, end - start))
+        offset = end
+    return segments

@@ -44,6 +44,21 @@ def _register() -> None:
     from ._unify import unify
 
     main.add_command(unify)
+    from ._split import split
+
+    main.add_command(split)
+    from ._remove import remove
+
+    main.add_command(remove)
+    from ._gc import gc
+
+    main.add_command(gc)
+    from ._verify import verify
+
+    main.add_command(verify)
+    from ._status import status
+
+    main.add_command(status)
 
 
 _register()

@@ -1,0 +1,416 @@
+"""`split`: give one guest private copies of the store objects it links (all, or some paths).
+
+A run, under the home's lock:
+
+1. walks the root (see _walk) and finds its names that lead to store objects, and
+   cowlink's own temporary names that an interrupted run left behind (removed first);
+2. groups the names by their link group (the catalogue's `names`), so names that were one
+   file to the guest become one private copy, and separate files separate copies; a group
+   an interrupted split left half-moved is finished with the copy it already has;
+3. checks the filesystem has room for every copy, before it changes anything;
+4. makes each copy with `_copy.make_private` and drops the names' catalogue rows.
+
+A later `unify` links the copies back; nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _linux
+from ._catalogue import Catalogue
+from ._copy import (
+    OPEN_FLAGS,
+    NameRef,
+    PrivateCopy,
+    ensure_space,
+    make_private,
+    move_names,
+    space_needed,
+)
+from ._errors import (
+    EXIT_OK,
+    EXIT_PROBLEMS,
+    Interrupted,
+    NoSpace,
+    Problem,
+    ReadOnly,
+    UsageError,
+)
+from ._excludes import Rules
+from ._hashing import same_content
+from ._home import Home
+from ._linker import Reporter
+from ._store import InUseForWriting, TempNames, read_xattrs, thawed
+from ._storeindex import StoreIndex
+from ._walk import DirChanged, DirOpener, Observer, Tree, walk
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class SplitOptions:
+    root: str
+    paths: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    wait: bool = False
+    fsync: bool = False
+
+
+@dataclass
+class SplitReport:
+    root: str = ""
+    files_split: int = 0
+    names_split: int = 0
+    bytes_added: int = 0
+    errors: list[Problem] = field(default_factory=list)
+    duration_s: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PROBLEMS if self.errors else EXIT_OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "files_split": self.files_split,
+            "names_split": self.names_split,
+            "bytes_added": self.bytes_added,
+            "errors": [p.as_dict() for p in self.errors],
+            "duration_s": round(self.duration_s, 3),
+            "dry_run": self.dry_run,
+        }
+
+    def summary_lines(self) -> list[str]:
+        would = "would be " if self.dry_run else ""
+        return [
+            f"{self.files_split} files ({self.names_split} names) {would}split in {self.root}, "
+            f"{self.bytes_added} bytes {would}added"
+            + (f"; {len(self.errors)} problems" if self.errors else "")
+            + f" ({self.duration_s:.1f} s)"
+        ]
+
+
+@dataclass
+class _Group:
+    """Names that are one file to the guest, and lead to one store object (`ino`)."""
+
+    ino: int
+    names: list[tuple[int, str]]  # (dir index, name)
+    #: Names of the same link group that an interrupted split already moved to a copy.
+    moved: list[tuple[int, str]] = field(default_factory=list)
+
+
+class _Quiet(Observer):
+    def __init__(self, report: SplitReport, reporter: Reporter, root: str) -> None:
+        self._report = report
+        self._reporter = reporter
+        self._root = root
+
+    def problem(self, path: str, error: str) -> None:
+        self._report.errors.append(Problem(self._root + path, error))
+        self._reporter.problem(self._root + path, error)
+
+
+def run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitReport:
+    """Split the root's shared files (or those at or below `options.paths`).
+
+    Raises:
+        UsageError: the root or a path does not exist; nothing was changed.
+        NoSpace: too little room for the copies (checked before any change), or the
+            filesystem filled up meanwhile (every name is still whole).
+        ReadOnly: the filesystem is or became read-only.
+        LockHeld: another command holds the home's lock.
+        Interrupted: SIGINT or SIGTERM stopped the run between two files.
+    """
+    started, started_ns = time.monotonic(), time.time_ns()
+    root = os.path.realpath(options.root)
+    if not os.path.isdir(root):
+        raise UsageError(f"{options.root}: not a directory")
+    paths = [_guest_path(root, p) for p in options.paths]
+    report = SplitReport(root=root, dry_run=options.dry_run)
+    with home.lock("split", wait=options.wait), Catalogue.open(home.catalogue_path) as catalogue:
+        split = _Split(home, options, reporter, catalogue, report, root)
+        try:
+            with split.signals():
+                split.run(paths)
+        finally:
+            report.duration_s = time.monotonic() - started
+            if not options.dry_run:
+                with contextlib.suppress(sqlite3.Error):  # a full or read-only disk
+                    catalogue.record_run(
+                        "split",
+                        started_ns,
+                        report.duration_s,
+                        128 + split.stop_signal if split.stop_signal else report.exit_code,
+                        report.as_dict(),
+                    )
+        if split.stop_signal:
+            raise Interrupted(split.stop_signal)
+    return report
+
+
+def _guest_path(root: str, given: str) -> bytes:
+    """A PATH argument as the guest sees it ('/usr/bin'); a host path inside ROOT is accepted."""
+    path = os.path.abspath(given) if not given.startswith("/") else os.path.normpath(given)
+    if path.startswith(root + "/"):
+        path = path[len(root) :]
+    elif path == root:
+        path = "/"
+    if not os.path.lexists(root + path):
+        raise UsageError(f"{given}: no such path in {root}")
+    return os.fsencode(path.rstrip("/"))
+
+
+class _Split:
+    def __init__(
+        self,
+        home: Home,
+        options: SplitOptions,
+        reporter: Reporter,
+        catalogue: Catalogue,
+        report: SplitReport,
+        root: str,
+    ) -> None:
+        self.home = home
+        self.options = options
+        self.reporter = reporter
+        self.catalogue = catalogue
+        self.report = report
+        self.root = root
+        self.batch = catalogue.batch()
+        self.index = StoreIndex(home.store_dir, catalogue)
+        self.temp_names = TempNames(home.secret())
+        self.stop_signal = 0
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        def handler(signum: int, frame: object) -> None:
+            self.stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        _linux.ignore_lease_breaks()
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def problem(self, path: str, error: str) -> None:
+        self.report.errors.append(Problem(path, error))
+        self.reporter.problem(path, error)
+
+    def run(self, paths: list[bytes]) -> None:
+        dry = self.options.dry_run
+        self.index.load(recover=not dry, problem=self.problem)
+        with ExitStack() as stack:
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, root_fd)
+            # Every regular file is reported as "linked" (or as a leftover when it has one
+            # of our temporary names): a half-made copy is no store object, and the walk
+            # only recognises temporary names among objects.
+            tree = walk(
+                root_fd,
+                self.root,
+                rules=Rules(()),
+                min_size=1 << 62,
+                is_object=lambda dev, ino: True,
+                is_temp_name=self.temp_names.is_ours,
+                observer=_Quiet(self.report, self.reporter, self.root),
+            )
+            opener = DirOpener(tree, root_fd)
+            stack.callback(opener.close)
+            stack.callback(self._flush)
+            if not dry:
+                self._remove_leftovers(tree, opener)
+            groups = self._groups(tree, paths)
+            if not dry:
+                # A half-split group only needs links to the copy it already has.
+                fresh = [g for g in groups if not g.moved]
+                need = sum(space_needed(self._object_stat(tree, g)) for g in fresh)
+                ensure_space(root_fd, need, len(fresh))
+            for group in groups:
+                if self.stop_signal:
+                    break
+                self._split_group(tree, opener, group)
+                if len(self.batch) > 1000:
+                    self.batch.flush()
+
+    def _object_stat(self, tree: Tree, group: _Group) -> os.stat_result:
+        return os.stat(self.home.store_dir / self.index.by_inode[(tree.dev, group.ino)].name)
+
+    def _flush(self) -> None:
+        try:
+            self.batch.flush()
+        except sqlite3.Error as exc:
+            # Stale rows are harmless: the next unify drops rows of names no longer linked.
+            self.reporter.warning(f"catalogue not updated: {exc}")
+
+    def _remove_leftovers(self, tree: Tree, opener: DirOpener) -> None:
+        for dir_index, name, ino in tree.leftovers:
+            path = self.root + tree.path_of(dir_index, name)
+            try:
+                dir_fd = opener.open(dir_index)
+                fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
+                try:
+                    if os.fstat(fd).st_ino != ino:
+                        continue
+                    if self.index.is_object(tree.dev, ino):
+                        with thawed(fd):
+                            os.unlink(name, dir_fd=dir_fd)
+                    else:
+                        os.unlink(name, dir_fd=dir_fd)  # a copy an interrupted split left
+                finally:
+                    os.close(fd)
+                self.reporter.action(path, "remove", "leftover temporary name")
+            except (OSError, DirChanged) as exc:
+                self._fatal_if_filesystem(exc)
+                self.problem(path, f"cannot remove leftover temporary name: {exc}")
+
+    def _groups(self, tree: Tree, paths: list[bytes]) -> list[_Group]:
+        recorded = self.catalogue.names(self.root)
+        by_path: dict[bytes, tuple[int, str, int]] = {}
+        groups: dict[tuple[int, int | bytes], _Group] = {}
+        members: dict[int, list[bytes]] = defaultdict(list)
+        for path_grp in recorded.items():
+            members[path_grp[1]].append(path_grp[0])
+        for dir_index, name, ino in tree.linked:
+            path = os.fsencode(tree.path_of(dir_index, name))
+            by_path[path] = (dir_index, name, ino)
+        for path, (dir_index, name, ino) in by_path.items():
+            if not self.index.is_object(tree.dev, ino):
+                continue
+            grp = recorded.get(path)
+            key: tuple[int, int | bytes] = (ino, grp if grp is not None else path)
+            group = groups.setdefault(key, _Group(ino, []))
+            group.names.append((dir_index, name))
+            if grp is not None and len(group.names) == 1:
+                group.moved = self._moved_names(tree, members[grp], by_path, ino)
+        chosen = [
+            g
+            for g in groups.values()
+            if not paths
+            or any(_below(os.fsencode(tree.path_of(d, n)), p) for d, n in g.names for p in paths)
+        ]
+        return sorted(chosen, key=lambda g: tree.path_of(*g.names[0]))
+
+    def _moved_names(
+        self,
+        tree: Tree,
+        names: list[bytes],
+        by_path: dict[bytes, tuple[int, str, int]],
+        ino: int,
+    ) -> list[tuple[int, str]]:
+        """Names of a link group that already lead to one private copy (a split was cut short)."""
+        others = [by_path[p] for p in names if p in by_path and by_path[p][2] != ino]
+        inodes = {o[2] for o in others}
+        if len(inodes) != 1 or self.index.is_object(tree.dev, next(iter(inodes))):
+            return []
+        return [(d, n) for d, n, _ in others]
+
+    def _split_group(self, tree: Tree, opener: DirOpener, group: _Group) -> None:
+        first_dir, first_name = group.names[0]
+        display = self.root + tree.path_of(first_dir, first_name)
+        row = self.index.by_inode[(tree.dev, group.ino)]
+        if self.options.dry_run:
+            self._count(tree, group, self._object_stat(tree, group).st_blocks * 512)
+            self.reporter.action(display, "would split", f"shares {row.name}")
+            return
+        try:
+            refs = [NameRef(opener.open(d), os.fsencode(n)) for d, n in group.names]
+            if group.moved:
+                done = self._finish_moved(tree, opener, group, refs)
+            else:
+                done = make_private(
+                    refs[0].dir_fd,
+                    refs[0].name,
+                    others=refs[1:],
+                    temp_names=self.temp_names,
+                    fsync=self.options.fsync,
+                )
+        except (OSError, DirChanged) as exc:
+            self._fatal_if_filesystem(exc)
+            if isinstance(exc, InUseForWriting):
+                self.problem(display, "open for writing by another process; not split")
+            else:
+                self.problem(display, exc.strerror or str(exc))
+            return
+        moved = {(r.dir_fd, r.name) for r in done.replaced}
+        paths = [
+            os.fsencode(tree.path_of(d, n))
+            for (d, n), ref in zip(group.names, refs, strict=True)
+            if (ref.dir_fd, ref.name) in moved
+        ]
+        self.batch.drop_names(self.root, paths)
+        self.report.files_split += 1 if paths else 0
+        self.report.names_split += len(paths)
+        self.report.bytes_added += done.bytes_added if paths and not group.moved else 0
+        self.reporter.action(display, "split", f"private copy of {row.name}")
+
+    def _finish_moved(
+        self, tree: Tree, opener: DirOpener, group: _Group, refs: list[NameRef]
+    ) -> PrivateCopy:
+        """Move the rest of a half-split group to the copy its other names already have."""
+        row = self.index.by_inode[(tree.dev, group.ino)]
+        d, n = group.moved[0]
+        copy_fd = os.open(n, OPEN_FLAGS, dir_fd=opener.open(d))
+        try:
+            src_fd = os.open(refs[0].name, OPEN_FLAGS, dir_fd=refs[0].dir_fd)
+            try:
+                src, copy = os.fstat(src_fd), os.fstat(copy_fd)
+                same = (
+                    src.st_ino == row.ino
+                    and (copy.st_size, copy.st_mode, copy.st_uid, copy.st_gid, copy.st_mtime_ns)
+                    == (src.st_size, src.st_mode, src.st_uid, src.st_gid, src.st_mtime_ns)
+                    and read_xattrs(copy_fd) == read_xattrs(src_fd)
+                    and same_content(src_fd, copy_fd, src.st_size)
+                )
+                if not same:
+                    # The guest changed its copy meanwhile: these names get their own.
+                    return make_private(
+                        refs[0].dir_fd,
+                        refs[0].name,
+                        others=refs[1:],
+                        temp_names=self.temp_names,
+                        fsync=self.options.fsync,
+                    )
+                return move_names(src_fd, copy_fd, refs, temp_names=self.temp_names)
+            finally:
+                os.close(src_fd)
+        finally:
+            os.close(copy_fd)
+
+    def _count(self, tree: Tree, group: _Group, blocks: int) -> None:
+        self.report.files_split += 1
+        self.report.names_split += len(group.names)
+        self.report.bytes_added += blocks
+
+    def _fatal_if_filesystem(self, exc: BaseException) -> None:
+        """A full or read-only filesystem ends the run: no later file would fare better."""
+        if not isinstance(exc, OSError):
+            return
+        if exc.errno in _NO_SPACE:
+            raise NoSpace(
+                f"the filesystem of {self.root} is full; split stopped "
+                f"({self.report.files_split} files split, every other name unchanged)"
+            ) from exc
+        if exc.errno == errno.EROFS:
+            raise ReadOnly(
+                f"the filesystem of {self.root} is read-only; split stopped "
+                f"({self.report.files_split} files split, every other name unchanged)"
+            ) from exc
+
+
+def _below(path: bytes, top: bytes) -> bool:
+    return top == b"" or path == top or path.startswith(top + b"/")
