@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(PY) -m cowlink.demo
+	$(PY) -m cowlink._demo
 
 lint: install
 	$(VENV)/bin/ruff check cowlink fuse bench tests
