@@ -200,9 +200,7 @@ def main() -> int:
                 kind = "unify" if i % 2 == 0 else "split"
                 full = args.unify_s if kind == "unify" else args.split_s
                 delay = rng.uniform(0.05, full)
-                jobs.append(
-                    pool.submit(run_trial, i, kind, delay, args.corpus, list(args.guests))
-                )
+                jobs.append(pool.submit(run_trial, i, kind, delay, args.corpus, list(args.guests)))
             for job in jobs:
                 t = job.result()
                 totals["trials"] += 1

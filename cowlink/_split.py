@@ -163,7 +163,7 @@ def run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitRep
 
 def _guest_path(root: str, given: str) -> bytes:
     """A PATH argument as the guest sees it ('/usr/bin'); a host path inside ROOT is accepted."""
-    path = os.path.abspath(given) if not given.startswith("/") else os.path.normpath(given)
+    path = os.path.normpath("/" + given.lstrip("/"))
     if path.startswith(root + "/"):
         path = path[len(root) :]
     elif path == root:
