@@ -91,12 +91,14 @@ def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False)
     if not os.path.isdir(real) or os.path.islink(root.rstrip("/") or "/"):
         raise UsageError(f"{root}: not a directory")
     home_real = os.path.realpath(home.path)
+    guest = home.guest_of_root(real)
     if real == "/" or home_real == real or home_real.startswith(real + "/"):
         raise UsageError(f"{root}: holds the cowlink home {home_real}; refusing to remove it")
+    if real.startswith(home_real + "/") and guest is None:
+        raise UsageError(f"{root}: part of the cowlink home but no guest's root; not removed")
     mounts = [mp for mp in _linux.mount_points() if mp == real or mp.startswith(real + "/")]
     if mounts:
         raise UsageError(f"{root}: {mounts[0]} is mounted inside; unmount it first")
-    guest = home.guest_of_root(real)
     report = RemoveReport(root=real, guest=guest)
     with home.lock("remove", wait=wait):
         if guest is not None:
