@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -67,3 +68,21 @@ class ReadOnly(CowlinkError):
 
 class GuestRunning(CowlinkError):
     """The guest is running, so its tree cannot be removed."""
+
+
+def storage_fault(exc: BaseException, where: str) -> CowlinkError | None:
+    """The clear error for a full or read-only filesystem behind `exc`, else None.
+
+    Looks along the exception's context too: once a disk turns read-only, clean-up steps
+    (SQLite's rollback, the lock's release) fail as well and hide the first cause.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        errno_ = getattr(seen, "errno", None)
+        text = str(seen).lower()
+        if errno_ in (errno.ENOSPC, errno.EDQUOT) or "database or disk is full" in text:
+            return NoSpace(f"the filesystem of {where} is full; stopped, nothing was lost")
+        if errno_ == errno.EROFS or "readonly database" in text:
+            return ReadOnly(f"the filesystem of {where} is read-only; stopped, nothing was lost")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -179,3 +179,11 @@ def data_segments(fd: int, size: int) -> list[tuple[int, int]]:
             segments.append((start, end - start))
         offset = end
     return segments
+
+
+_libc.syncfs.argtypes = [ctypes.c_int]
+
+
+def syncfs(fd: int) -> None:
+    """Write out every dirty page and inode of the filesystem holding `fd`, and wait."""
+    _check(_libc.syncfs(fd), "syncfs")

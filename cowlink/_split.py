@@ -8,7 +8,9 @@ A run, under the home's lock:
    file to the guest become one private copy, and separate files separate copies; a group
    an interrupted split left half-moved is finished with the copy it already has;
 3. checks the filesystem has room for every copy, before it changes anything;
-4. makes each copy with `_copy.make_private` and drops the names' catalogue rows.
+4. copies a batch of files to temporary names beside them (see _copy), makes the batch
+   durable with one syncfs, then renames each copy over its names, and drops the names'
+   catalogue rows.
 
 A later `unify` links the copies back; nothing is lost either way.
 """
@@ -32,9 +34,8 @@ from ._catalogue import Catalogue
 from ._copy import (
     OPEN_FLAGS,
     NameRef,
-    PrivateCopy,
+    copy_to_temp,
     ensure_space,
-    make_private,
     move_names,
     space_needed,
 )
@@ -46,6 +47,7 @@ from ._errors import (
     Problem,
     ReadOnly,
     UsageError,
+    storage_fault,
 )
 from ._excludes import Rules
 from ._hashing import same_content
@@ -56,6 +58,9 @@ from ._storeindex import StoreIndex
 from ._walk import DirChanged, DirOpener, Observer, Tree, walk
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: Copies made before one syncfs makes them durable and they replace their names.
+_BATCH_FILES = 256
+_BATCH_BYTES = 64 << 20
 
 
 @dataclass
@@ -64,7 +69,6 @@ class SplitOptions:
     paths: list[str] = field(default_factory=list)
     dry_run: bool = False
     wait: bool = False
-    fsync: bool = False
 
 
 @dataclass
@@ -112,6 +116,40 @@ class _Group:
     moved: list[tuple[int, str]] = field(default_factory=list)
 
 
+@dataclass
+class _Prepared:
+    """A group ready to move: the object open, and its copy open (under `temp` if new)."""
+
+    group: _Group
+    refs: list[NameRef]
+    src_fd: int
+    copy_fd: int | None = None
+    temp: NameRef | None = None
+
+    def close(self) -> None:
+        if self.temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp.name, dir_fd=self.temp.dir_fd)
+            self.temp = None
+        for fd in (self.src_fd, self.copy_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.copy_fd = None
+        self.src_fd = -1
+
+
+def _same_file(src_fd: int, copy_fd: int) -> bool:
+    """True when the copy shows the guest exactly what the object does."""
+    src, copy = os.fstat(src_fd), os.fstat(copy_fd)
+    return (
+        (copy.st_size, copy.st_mode, copy.st_uid, copy.st_gid, copy.st_mtime_ns)
+        == (src.st_size, src.st_mode, src.st_uid, src.st_gid, src.st_mtime_ns)
+        and read_xattrs(copy_fd) == read_xattrs(src_fd)
+        and same_content(src_fd, copy_fd, src.st_size)
+    )
+
+
 class _Quiet(Observer):
     def __init__(self, report: SplitReport, reporter: Reporter, root: str) -> None:
         self._report = report
@@ -134,6 +172,16 @@ def run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitRep
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run between two files.
     """
+    try:
+        return _run_split(home, options, reporter)
+    except (OSError, sqlite3.Error) as exc:
+        fault = storage_fault(exc, options.root)
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+def _run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitReport:
     started, started_ns = time.monotonic(), time.time_ns()
     root = os.path.realpath(options.root)
     if not os.path.isdir(root):
@@ -240,12 +288,21 @@ class _Split:
                 fresh = [g for g in groups if not g.moved]
                 need = sum(space_needed(self._object_stat(tree, g)) for g in fresh)
                 ensure_space(root_fd, need, len(fresh))
-            for group in groups:
-                if self.stop_signal:
-                    break
-                self._split_group(tree, opener, group)
-                if len(self.batch) > 1000:
-                    self.batch.flush()
+            if dry:
+                for group in groups:
+                    self._count(tree, group, self._object_stat(tree, group).st_blocks * 512)
+                    self.reporter.action(self._display(tree, group), "would split", "shared")
+                return
+            start = 0
+            while start < len(groups) and not self.stop_signal:
+                end = start + 1
+                size = self._object_stat(tree, groups[start]).st_size
+                while end < len(groups) and end - start < _BATCH_FILES and size < _BATCH_BYTES:
+                    size += self._object_stat(tree, groups[end]).st_size
+                    end += 1
+                self._split_batch(tree, opener, root_fd, groups[start:end])
+                start = end
+                self._flush()
 
     def _object_stat(self, tree: Tree, group: _Group) -> os.stat_result:
         return os.stat(self.home.store_dir / self.index.by_inode[(tree.dev, group.ino)].name)
@@ -319,77 +376,94 @@ class _Split:
             return []
         return [(d, n) for d, n, _ in others]
 
-    def _split_group(self, tree: Tree, opener: DirOpener, group: _Group) -> None:
-        first_dir, first_name = group.names[0]
-        display = self.root + tree.path_of(first_dir, first_name)
-        row = self.index.by_inode[(tree.dev, group.ino)]
-        if self.options.dry_run:
-            self._count(tree, group, self._object_stat(tree, group).st_blocks * 512)
-            self.reporter.action(display, "would split", f"shares {row.name}")
-            return
+    def _display(self, tree: Tree, group: _Group) -> str:
+        return self.root + tree.path_of(*group.names[0])
+
+    def _split_batch(
+        self, tree: Tree, opener: DirOpener, root_fd: int, groups: list[_Group]
+    ) -> None:
+        """Copy a batch of files, make the copies durable with one syncfs, then rename.
+
+        A name is only replaced by a copy whose data is on disk: a power cut or a disk
+        gone read-only must not leave a name leading to a copy the kernel never wrote.
+        """
+        ready: list[_Prepared] = []
+        try:
+            for group in groups:
+                prepared = self._prepare(tree, opener, group)
+                if prepared is not None:
+                    ready.append(prepared)
+            _linux.syncfs(root_fd)
+            for prepared in ready:
+                self._finish(tree, prepared)
+        finally:
+            for prepared in ready:
+                prepared.close()
+
+    def _prepare(self, tree: Tree, opener: DirOpener, group: _Group) -> _Prepared | None:
+        """Open the object and make (or, for a half-split group, find) its private copy."""
+        display = self._display(tree, group)
+        prepared: _Prepared | None = None
         try:
             refs = [NameRef(opener.open(d), os.fsencode(n)) for d, n in group.names]
+            src_fd = os.open(refs[0].name, OPEN_FLAGS, dir_fd=refs[0].dir_fd)
+            prepared = _Prepared(group, refs, src_fd)
+            st = os.fstat(src_fd)
+            if st.st_ino != group.ino:
+                raise DirChanged(errno.ESTALE, "changed during the run")
             if group.moved:
-                done = self._finish_moved(tree, opener, group, refs)
-            else:
-                done = make_private(
-                    refs[0].dir_fd,
-                    refs[0].name,
-                    others=refs[1:],
-                    temp_names=self.temp_names,
-                    fsync=self.options.fsync,
-                )
+                d, n = group.moved[0]
+                prepared.copy_fd = os.open(n, OPEN_FLAGS, dir_fd=opener.open(d))
+                if _same_file(src_fd, prepared.copy_fd):
+                    return prepared
+                # The guest changed its copy meanwhile: these names get their own.
+                os.close(prepared.copy_fd)
+                prepared.copy_fd = None
+                group.moved = []
+            prepared.copy_fd, temp = copy_to_temp(
+                src_fd, st, refs[0].dir_fd, temp_names=self.temp_names
+            )
+            prepared.temp = NameRef(refs[0].dir_fd, temp)
+            return prepared
         except (OSError, DirChanged) as exc:
+            if prepared is not None:
+                prepared.close()
+            self._fatal_if_filesystem(exc)
+            self.problem(display, exc.strerror or str(exc))
+            return None
+
+    def _finish(self, tree: Tree, prepared: _Prepared) -> None:
+        group = prepared.group
+        assert prepared.copy_fd is not None
+        try:
+            done = move_names(
+                prepared.src_fd,
+                prepared.copy_fd,
+                prepared.refs,
+                temp_names=self.temp_names,
+                first_temp=prepared.temp,
+            )
+        except OSError as exc:
             self._fatal_if_filesystem(exc)
             if isinstance(exc, InUseForWriting):
-                self.problem(display, "open for writing by another process; not split")
+                self.problem(self._display(tree, group), "open for writing; not split")
             else:
-                self.problem(display, exc.strerror or str(exc))
+                self.problem(self._display(tree, group), exc.strerror or str(exc))
             return
+        finally:
+            prepared.temp = None  # move_names used it or removed it
         moved = {(r.dir_fd, r.name) for r in done.replaced}
         paths = [
             os.fsencode(tree.path_of(d, n))
-            for (d, n), ref in zip(group.names, refs, strict=True)
+            for (d, n), ref in zip(group.names, prepared.refs, strict=True)
             if (ref.dir_fd, ref.name) in moved
         ]
         self.batch.drop_names(self.root, paths)
-        self.report.files_split += 1 if paths else 0
-        self.report.names_split += len(paths)
-        self.report.bytes_added += done.bytes_added if paths and not group.moved else 0
-        self.reporter.action(display, "split", f"private copy of {row.name}")
-
-    def _finish_moved(
-        self, tree: Tree, opener: DirOpener, group: _Group, refs: list[NameRef]
-    ) -> PrivateCopy:
-        """Move the rest of a half-split group to the copy its other names already have."""
-        row = self.index.by_inode[(tree.dev, group.ino)]
-        d, n = group.moved[0]
-        copy_fd = os.open(n, OPEN_FLAGS, dir_fd=opener.open(d))
-        try:
-            src_fd = os.open(refs[0].name, OPEN_FLAGS, dir_fd=refs[0].dir_fd)
-            try:
-                src, copy = os.fstat(src_fd), os.fstat(copy_fd)
-                same = (
-                    src.st_ino == row.ino
-                    and (copy.st_size, copy.st_mode, copy.st_uid, copy.st_gid, copy.st_mtime_ns)
-                    == (src.st_size, src.st_mode, src.st_uid, src.st_gid, src.st_mtime_ns)
-                    and read_xattrs(copy_fd) == read_xattrs(src_fd)
-                    and same_content(src_fd, copy_fd, src.st_size)
-                )
-                if not same:
-                    # The guest changed its copy meanwhile: these names get their own.
-                    return make_private(
-                        refs[0].dir_fd,
-                        refs[0].name,
-                        others=refs[1:],
-                        temp_names=self.temp_names,
-                        fsync=self.options.fsync,
-                    )
-                return move_names(src_fd, copy_fd, refs, temp_names=self.temp_names)
-            finally:
-                os.close(src_fd)
-        finally:
-            os.close(copy_fd)
+        if paths:
+            self.report.files_split += 1
+            self.report.names_split += len(paths)
+            self.report.bytes_added += 0 if group.moved else done.bytes_added
+        self.reporter.action(self._display(tree, group), "split", "private copy")
 
     def _count(self, tree: Tree, group: _Group, blocks: int) -> None:
         self.report.files_split += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -41,6 +42,7 @@ from ._errors import (
     NotSameFilesystem,
     Problem,
     UsageError,
+    storage_fault,
 )
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
@@ -142,7 +144,18 @@ def run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyRep
         UsageError, NotSameFilesystem, FlagsNotPermitted: nothing was changed.
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run at a safe point.
+        NoSpace, ReadOnly: the filesystem filled up or turned read-only; the run stopped.
     """
+    try:
+        return _run_unify(home, options, reporter)
+    except (OSError, sqlite3.Error) as exc:
+        fault = storage_fault(exc, str(home.path))
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+def _run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyReport:
     started = time.monotonic()
     started_ns = time.time_ns()
     roots = _resolve_roots(home, options)

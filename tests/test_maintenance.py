@@ -1,4 +1,4 @@
-"""`cowlink remove`, `gc`, `verify` and `status`: what each shows and changes, and what it never touches."""
+"""`cowlink remove`, `gc`, `verify` and `status`: what each shows, changes and never touches."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def test_split_whole_guest_keeps_everything_it_sees(home: Path) -> None:
 
 
 def test_split_some_paths_moves_whole_link_groups(home: Path) -> None:
-    a, b = unified(home)
+    a, _b = unified(home)
     before = manifest(a)
 
     report = cowlink(home, "split", "--json", str(a), "/usr/bin/tool-alias", "usr/share/doc").json

@@ -1,0 +1,295 @@
+"""Faults: kill -9 at random moments, a full disk, a disk gone read-only, two commands at once.
+
+Whatever happens, every guest path keeps its content and metadata, no half-written copy
+or temporary name stays behind, and a rerun finishes the job.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests._guests import MTIME_NS, cowlink, same_inode, store_objects, write
+from tests._util import assert_same_manifest, loop_ext4, manifest, need_immutable, need_loop
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture(autouse=True)
+def _privileged() -> None:
+    need_immutable()
+
+
+def generated(home: Path, seed: int, *, files: int = 300, big: int = 50_000) -> list[Path]:
+    """Two guests of mostly shared files, some guest hardlinks, some files of their own."""
+    rng = random.Random(seed)
+    shared = {
+        f"usr/lib/d{i % 7}/f{i}": rng.randbytes(rng.choice([100, 3000, big])) for i in range(files)
+    }
+    roots = []
+    for guest in ("a", "b"):
+        root = home / "guests" / guest / "root"
+        for rel, data in shared.items():
+            write(root / rel, data)
+        write(root / "usr/own", guest.encode() * 999)
+        os.link(root / "usr/lib/d1/f1", root / "usr/lib/d1/f1-hardlink")
+        roots.append(root)
+    return roots
+
+
+def temp_names(root: Path) -> list[str]:
+    return [os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs if ".cowlink-" in n]
+
+
+def linked_to_store(home: Path, path: Path) -> bool:
+    return os.lstat(path).st_ino in {os.lstat(o).st_ino for o in store_objects(home)}
+
+
+def command(home: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cowlink", "--home", str(home), *args]
+
+
+# -- kill -9 -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trial", range(22))
+def test_kill_9_during_unify_or_split_then_rerun(home: Path, trial: int) -> None:
+    rng = random.Random(trial)
+    roots = generated(home, trial)
+    before = {r: manifest(r) for r in roots}
+    if trial % 2:
+        assert cowlink(home, "unify").exit_code == 0
+        args = ["split", "-q", str(roots[0])]
+    else:
+        args = ["unify", "-q"]
+    proc = subprocess.Popen(command(home, *args), stderr=subprocess.PIPE)
+    time.sleep(rng.uniform(0.25, 0.7))
+    proc.kill()
+    proc.communicate()
+    for root in roots:
+        assert_same_manifest(before[root], root)
+
+    rerun = subprocess.run(command(home, *args), capture_output=True, check=False)
+
+    assert rerun.returncode == 0, rerun.stderr
+    for root in roots:
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+    if args[0] == "split":
+        assert not linked_to_store(home, roots[0] / "usr/lib/d3/f3")
+        assert linked_to_store(home, roots[1] / "usr/lib/d3/f3")
+        assert same_inode(roots[0] / "usr/lib/d1/f1", roots[0] / "usr/lib/d1/f1-hardlink")
+    else:
+        assert same_inode(roots[0] / "usr/lib/d3/f3", roots[1] / "usr/lib/d3/f3")
+    assert cowlink(home, "verify", "--quick").exit_code == 0
+
+
+# -- a full filesystem ---------------------------------------------------------------------
+
+
+def fill(mnt: Path, leave: int = 0) -> Path:
+    """Fill the filesystem (root's reserve included), then free `leave` bytes."""
+    filler = mnt / "filler"
+    with open(filler, "wb") as f:
+        chunk = b"\xff" * (1 << 20)
+        while True:
+            try:
+                f.write(chunk)
+                f.flush()
+            except OSError:
+                break
+        for size in (1 << 16, 4096):
+            try:
+                while True:
+                    f.write(b"\xff" * size)
+                    f.flush()
+            except OSError:
+                pass
+    if leave:
+        os.truncate(filler, max(0, os.path.getsize(filler) - leave))
+    return filler
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Any:
+    need_loop()
+    work = tmp_path / "loop"
+    work.mkdir()
+    with loop_ext4(48, work) as mnt:
+        yield mnt
+
+
+def big_guests(home: Path) -> list[Path]:
+    rng = random.Random(5)
+    files = {f"usr/lib/big{i}": rng.randbytes(1 << 20) for i in range(6)}
+    files |= {f"usr/share/s{i}": rng.randbytes(2000) for i in range(40)}
+    roots = []
+    for guest in ("a", "b"):
+        root = home / "guests" / guest / "root"
+        for rel, data in files.items():
+            write(root / rel, data)
+        roots.append(root)
+    return roots
+
+
+def test_split_on_a_full_filesystem_refuses_or_stops_cleanly(
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = small_fs / "home"
+    a, b = big_guests(home)
+    assert cowlink(home, "unify").exit_code == 0
+    before = {r: manifest(r) for r in (a, b)}
+    filler = fill(small_fs, leave=2_500_000)
+
+    refused = cowlink(home, "split", str(a))
+
+    assert refused.exit_code == 2
+    assert "not enough free space" in refused.stderr
+    assert all(linked_to_store(home, a / f"usr/lib/big{i}") for i in range(6))
+
+    # Space that vanishes after the check (another writer): the split stops at ENOSPC.
+    monkeypatch.setattr("cowlink._split.ensure_space", lambda fd, need, inodes: None)
+    stopped = cowlink(home, "split", str(a))
+
+    assert stopped.exit_code == 2
+    assert "is full" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    for root in (a, b):
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+    assert any(linked_to_store(home, a / f"usr/lib/big{i}") for i in range(6))
+
+    filler.unlink()
+    finished = cowlink(home, "split", str(a))
+    assert finished.exit_code == 0, finished.stderr
+    assert not any(linked_to_store(home, a / f"usr/lib/big{i}") for i in range(6))
+    for root in (a, b):
+        assert_same_manifest(before[root], root)
+
+
+def test_unify_on_a_full_filesystem_stops_cleanly(small_fs: Path) -> None:
+    home = small_fs / "home"
+    a, b = big_guests(home)
+    assert cowlink(home, "status").exit_code == 0
+    before = {r: manifest(r) for r in (a, b)}
+    filler = fill(small_fs)
+
+    result = cowlink(home, "unify")
+
+    assert result.exit_code in (1, 2)
+    assert "No space left on device" in result.stderr or "is full" in result.stderr
+    for root in (a, b):
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+
+    filler.unlink()
+    rerun = cowlink(home, "unify", "--json")
+    assert rerun.exit_code == 0, rerun.stderr
+    assert same_inode(a / "usr/lib/big3", b / "usr/lib/big3")
+    for root in (a, b):
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+
+
+# -- a filesystem that turns read-only mid-run ----------------------------------------------
+
+
+def go_read_only(mnt: Path) -> None:
+    """What ext4 does on an I/O error with errors=remount-ro, triggered on purpose."""
+    source = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE", str(mnt)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    Path(f"/sys/fs/ext4/{os.path.basename(source)}/trigger_fs_error").write_text("1")
+
+
+def recover(mnt: Path) -> None:
+    """Unmount, fsck and mount the image again, as an operator would after the error."""
+    image = mnt.parent / "fs.img"
+    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, check=False)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+
+
+def after_calls(n: int, real: Callable[..., Any], then: Callable[[], None]) -> Callable[..., Any]:
+    calls = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == n:
+            then()
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("command_name", ["unify", "split"])
+def test_filesystem_turning_read_only_mid_run(
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch, command_name: str
+) -> None:
+    from cowlink import _copy, _hashing
+
+    home = small_fs / "home"
+    a, b = big_guests(home)
+    subprocess.run(["mount", "-o", "remount,errors=remount-ro", str(small_fs)], check=True)
+    if command_name == "split":
+        assert cowlink(home, "unify").exit_code == 0
+        target = "cowlink._split.copy_to_temp"
+        real: Callable[..., Any] = _copy.copy_to_temp
+        args = ["split", str(a)]
+    else:
+        target = "cowlink._linker.same_content"
+        real = _hashing.same_content
+        args = ["unify"]
+    before = {r: manifest(r) for r in (a, b)}
+    os.sync()  # the guests' own data is on disk before the fault
+    monkeypatch.setattr(target, after_calls(5, real, lambda: go_read_only(small_fs)))
+
+    result = cowlink(home, *args)
+
+    assert result.exit_code == 2, result.stderr
+    assert "read-only" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+    for root in (a, b):
+        # Temporary names the read-only disk kept us from removing go on the rerun.
+        after = {p: v for p, v in manifest(root).items() if b".cowlink-" not in p}
+        assert after == before[root]
+    monkeypatch.undo()
+    recover(small_fs)
+    rerun = cowlink(home, *args)
+    assert rerun.exit_code == 0, rerun.stderr
+    for root in (a, b):
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+
+
+# -- two commands at once ------------------------------------------------------------------
+
+
+def test_unify_and_split_on_one_home_take_turns(home: Path) -> None:
+    """Split of guest a and unify of every guest undo each other: run in turn, guest a ends
+    wholly private (unify, then split) or wholly linked (split, then unify), never a mix."""
+    roots = generated(home, 7, files=400)
+    before = {r: manifest(r) for r in roots}
+    assert cowlink(home, "unify").exit_code == 0
+    shared = [p for p in roots[0].rglob("f*") if linked_to_store(home, p)]
+    assert len(shared) > 300
+
+    split = subprocess.Popen(command(home, "split", "--wait", "-q", str(roots[0])))
+    unify = subprocess.Popen(command(home, "unify", "--wait", "-q"))
+    assert split.wait(timeout=120) == 0
+    assert unify.wait(timeout=120) == 0
+
+    linked = sum(linked_to_store(home, p) for p in shared)
+    assert linked in (0, len(shared)), f"{linked} of {len(shared)} linked: the runs interleaved"
+    for root in roots:
+        assert_same_manifest(before[root], root)
+        assert temp_names(root) == []
+    assert os.lstat(roots[0] / "usr/own").st_mtime_ns == MTIME_NS
