@@ -6,7 +6,8 @@ tear-down cost nothing on disk) holding a fresh `cp -a` copy of the corpus guest
 1. takes a manifest of every guest path (type, content digest, mode, owner, mtime, xattrs);
 2. for a split trial, unifies the guests to the end first;
 3. starts `cowlink unify` (or `cowlink split` of the first guest), SIGKILLs it after a
-   random delay drawn from the command's measured duration, and checks the manifest;
+   random delay drawn from the command's measured duration, and checks the manifest
+   (cowlink's MAC-named temporary names are counted apart: the rerun removes them);
 4. reruns the command to the end and checks again: the manifest, that no cowlink
    temporary name is left, and that the command did its job (split: no name of the
    guest still leads to a store object; unify: the guests share their store objects).
@@ -47,6 +48,8 @@ class Trial:
     killed: bool = False
     kill_rc: int = 0
     differences_after_kill: int = 0
+    #: Left by the kill (each a link to a whole object or a whole copy); the rerun removes them.
+    temp_names_after_kill: int = 0
     rerun_rc: int = 0
     rerun_s: float = 0.0
     differences_after_rerun: int = 0
@@ -94,9 +97,14 @@ def manifest(root: Path) -> Manifest:
 
 
 def differences(before: Manifest, root: Path) -> list[str]:
+    """Paths lost, added or changed; cowlink's temporary names are counted apart."""
     after = manifest(root)
     out = [f"missing {p!r}" for p in sorted(set(before) - set(after))]
-    out += [f"added {p!r}" for p in sorted(set(after) - set(before))]
+    out += [
+        f"added {p!r}"
+        for p in sorted(set(after) - set(before))
+        if not os.path.basename(p).startswith(TEMP_PREFIX)
+    ]
     out += [f"changed {p!r}" for p in sorted(set(before) & set(after)) if before[p] != after[p]]
     return out
 
@@ -148,6 +156,7 @@ def run_trial(index: int, kind: str, delay_s: float, corpus: Path, guests: list[
         trial.killed = trial.kill_rc == -signal.SIGKILL
         diffs = [d for r in roots for d in differences(before[r], r)]
         trial.differences_after_kill = len(diffs)
+        trial.temp_names_after_kill = sum(len(temp_names(r)) for r in roots)
         started = time.monotonic()
         trial.rerun_rc = subprocess.run(cowlink(home, *args), check=False).returncode
         trial.rerun_s = round(time.monotonic() - started, 2)

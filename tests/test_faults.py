@@ -75,7 +75,9 @@ def test_kill_9_during_unify_or_split_then_rerun(home: Path, trial: int) -> None
     proc.kill()
     proc.communicate()
     for root in roots:
-        assert_same_manifest(before[root], root)
+        # Temporary names (links to whole objects or whole copies) go on the rerun.
+        after = {p: v for p, v in manifest(root).items() if b".cowlink-" not in p}
+        assert after == before[root]
 
     rerun = subprocess.run(command(home, *args), capture_output=True, check=False)
 
