@@ -10,7 +10,8 @@ tear-down cost nothing on disk) holding a fresh `cp -a` copy of the corpus guest
    (cowlink's MAC-named temporary names are counted apart: the rerun removes them);
 4. reruns the command to the end and checks again: the manifest, that no cowlink
    temporary name is left, and that the command did its job (split: no name of the
-   guest still leads to a store object; unify: the guests share their store objects).
+   guest still leads to a store object; unify: the guests share their store objects), and
+   that `cowlink verify --quick` finds every store object immutable and as its name says.
 
     .venv/bin/python -m bench.soak --trials 200 --workers 2
 
@@ -55,6 +56,8 @@ class Trial:
     differences_after_rerun: int = 0
     temp_names_left: int = 0
     not_done: int = 0
+    #: `cowlink verify --quick` problems after the rerun (flags, mode, owner, xattrs).
+    store_problems: int = 0
     examples: list[str] = field(default_factory=list)
 
 
@@ -164,6 +167,8 @@ def run_trial(index: int, kind: str, delay_s: float, corpus: Path, guests: list[
         trial.differences_after_rerun = len(after)
         trial.temp_names_left = sum(len(temp_names(r)) for r in roots)
         trial.examples = (diffs + after)[:5]
+        verify = subprocess.run(cowlink(home, "verify", "--quick", "--json"), capture_output=True)
+        trial.store_problems = len(json.loads(verify.stdout)["problems"])
         objects = store_inodes(home)
         if kind == "split":
             trial.not_done = sum(
@@ -200,7 +205,15 @@ def main() -> int:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8g", "tmpfs", str(tmpfs)], check=True)
     os.environ["SOAK_DIR"] = str(tmpfs)
     started = time.monotonic()
-    totals = {"trials": 0, "killed": 0, "differences": 0, "temp_names_left": 0, "not_done": 0}
+    totals = {
+        "trials": 0,
+        "killed": 0,
+        "differences": 0,
+        "temp_names_after_kill": 0,
+        "temp_names_left": 0,
+        "not_done": 0,
+        "store_problems": 0,
+    }
     out = open(args.out, "w") if args.out else None  # noqa: SIM115
     try:
         with ProcessPoolExecutor(args.workers) as pool:
@@ -217,6 +230,8 @@ def main() -> int:
                 totals["differences"] += t.differences_after_kill + t.differences_after_rerun
                 totals["temp_names_left"] += t.temp_names_left
                 totals["not_done"] += t.not_done
+                totals["store_problems"] += t.store_problems
+                totals["temp_names_after_kill"] += t.temp_names_after_kill
                 line = json.dumps(asdict(t))
                 print(line, flush=True)
                 if out:
@@ -229,7 +244,8 @@ def main() -> int:
         os.rmdir(tmpfs)
     totals["time_s"] = round(time.monotonic() - started)
     print(json.dumps({"totals": totals}), flush=True)
-    return 0 if totals["differences"] == totals["temp_names_left"] == 0 else 1
+    bad = ("differences", "temp_names_left", "not_done", "store_problems")
+    return 1 if any(totals[k] for k in bad) else 0
 
 
 if __name__ == "__main__":

@@ -72,8 +72,12 @@ def run_gc(
     """
     started = time.monotonic()
     report = GcReport(dry_run=dry_run)
-    with home.lock("gc", wait=wait):
+    with home.lock("gc", wait=wait), Catalogue.open(home.catalogue_path) as catalogue:
         _linux.ignore_lease_breaks()
+        if not dry_run:
+            # A kill inside a thaw leaves an object without its immutable flag: until gc
+            # ends, the next run rechecks the store's flags.
+            catalogue.set_meta("dirty", "1")
         present: set[tuple[int, int]] = set()
         for name in iter_object_names(home.store_dir):
             path = home.store_dir / name
@@ -93,9 +97,9 @@ def run_gc(
             reporter.action(str(path), "would remove" if dry_run else "remove", "no other link")
         if not dry_run:
             _remove_empty_fanout(home)
-        if home.catalogue_path.exists():
-            with Catalogue.open(home.catalogue_path) as catalogue:
-                _drop_stale_rows(home, catalogue, present, report)
+        _drop_stale_rows(home, catalogue, present, report)
+        if not dry_run:
+            catalogue.set_meta("dirty", None)
     report.duration_s = time.monotonic() - started
     return report
 

@@ -107,13 +107,17 @@ def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False)
                 raise GuestRunning(f"guest {guest} is running (pid {pid}); stop it first")
         _linux.ignore_lease_breaks()
         dev = os.lstat(real).st_dev
-        _Remover(report, reporter, dev).remove_tree(real)
-        if not report.errors and guest is not None:
-            # What is left of the guest is its own configuration: no shared inodes.
-            shutil.rmtree(home.guest_dir(guest), ignore_errors=True)
-        if home.catalogue_path.exists():
-            with Catalogue.open(home.catalogue_path) as catalogue, catalogue.transaction():
+        with Catalogue.open(home.catalogue_path) as catalogue:
+            # A kill inside a thaw leaves an object without its immutable flag: until the
+            # removal ends, the next run rechecks the store's flags.
+            catalogue.set_meta("dirty", "1")
+            _Remover(report, reporter, dev).remove_tree(real)
+            if not report.errors and guest is not None:
+                # What is left of the guest is its own configuration: no shared inodes.
+                shutil.rmtree(home.guest_dir(guest), ignore_errors=True)
+            with catalogue.transaction():
                 catalogue.drop_names(real, list(catalogue.names(real)))
+                catalogue.set_meta("dirty", None)
     report.duration_s = time.monotonic() - started
     return report
 

@@ -262,6 +262,16 @@ class _Split:
     def run(self, paths: list[bytes]) -> None:
         dry = self.options.dry_run
         self.index.load(recover=not dry, problem=self.problem)
+        if not dry:
+            # Until the run ends cleanly, the next run rechecks the store's flags: a kill
+            # inside a thaw leaves an object without its immutable flag.
+            self.catalogue.set_meta("dirty", "1")
+            self._run(paths, dry)
+            self.catalogue.set_meta("dirty", None)
+        else:
+            self._run(paths, dry)
+
+    def _run(self, paths: list[bytes], dry: bool) -> None:
         with ExitStack() as stack:
             root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             stack.callback(os.close, root_fd)
