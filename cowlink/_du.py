@@ -386,19 +386,19 @@ def measure(
         UsageError: a root is missing or not a directory.
     """
     start = time.perf_counter()
-    resolved: list[GuestUsage] = []
+    resolved: list[tuple[str, str]] = []
     for name, path in roots:
         real = os.path.realpath(path)
         if not os.path.isdir(real):
             raise UsageError(f"{path}: not a directory")
-        resolved.append(GuestUsage(name, real))
+        resolved.append((name, real))
+    guests = [GuestUsage(name, real) for name, real in resolved]
     try:
-        scan = _run(resolved, store, depth, trust_d_ino=True)
+        result = _run(guests, store, depth, trust_d_ino=True)
     except _InodeMismatch:
-        for usage in resolved:
-            usage.__init__(usage.name, usage.root)  # type: ignore[misc]
-        scan = _run(resolved, store, depth, trust_d_ino=False)
-    report = _summarise(scan, resolved, store, top)
+        guests = [GuestUsage(name, real) for name, real in resolved]
+        result = _run(guests, store, depth, trust_d_ino=False)
+    report = _summarise(result, guests, store, top)
     report.elapsed_s = time.perf_counter() - start
     return report
 

@@ -41,9 +41,11 @@ def main(ctx: click.Context, home_path: str | None) -> None:
 
 def _register() -> None:
     # One import per command module; each module defines one click command or group.
+    from ._du import du
     from ._unify import unify
 
     main.add_command(unify)
+    main.add_command(du)
 
 
 _register()
