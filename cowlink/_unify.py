@@ -893,42 +893,47 @@ class _Engine:
             if not same_content(obj.fd, fd, rec.size):
                 self.reporter.action(path, "skip", "content differs from the store object")
                 return _LinkResult.SKIPPED
+            with self.catalogue.transaction():
+                self._record_names(node, self._groups_for(node))
+            return self._replace_names(node, obj, fd)
         except OSError as exc:
             self.problem(path, exc.strerror or str(exc))
             return _LinkResult.SKIPPED
         finally:
             os.close(fd)
-        assert self.temp_names is not None
-        with self.catalogue.transaction():
-            self._record_names(node, self._groups_for(node))
+
+    def _replace_names(self, node: _Inode, obj: _ObjectHandle, fd: int) -> _LinkResult:
+        rec = node.rec
+        # Each rename changes the inode's ctime; anything else changing means the guest did.
+        ctime_ns = rec.ctime_ns
         replaced = 0
         failed: dict[int, list[bytes]] = defaultdict(list)
         result = _LinkResult.LINKED
         with self._unflagged(obj.fd):
             for tree_index, name_rec in node.names:
                 tree = self.trees[tree_index]
-                name_path = tree.root + tree.path_of(name_rec.dir, name_rec.name)
-                rel = os.fsencode(tree.path_of(name_rec.dir, name_rec.name))
+                rel = tree.path_of(name_rec.dir, name_rec.name)
                 try:
                     dir_fd = self.openers[tree_index].open(name_rec.dir)
-                    outcome = self._replace_name(obj, dir_fd, tree.dev, name_rec)
+                    expected = name_rec._replace(ctime_ns=ctime_ns)
+                    linked = self._replace_name(obj, dir_fd, tree.dev, expected)
                 except DirChanged:
-                    outcome = "changed"
+                    linked = False
                 except OSError as exc:
+                    failed[tree_index].append(os.fsencode(rel))
                     if exc.errno == errno.EMLINK:
                         result = _LinkResult.FULL
-                        failed[tree_index].append(rel)
                         break
-                    self.problem(name_path, exc.strerror or str(exc))
-                    failed[tree_index].append(rel)
+                    self.problem(tree.root + rel, exc.strerror or str(exc))
                     continue
-                if outcome == "changed":
-                    self.reporter.action(name_path, "skip", "changed during the run")
-                    failed[tree_index].append(rel)
+                if not linked:
+                    self.reporter.action(tree.root + rel, "skip", "changed during the run")
+                    failed[tree_index].append(os.fsencode(rel))
                     continue
                 replaced += 1
                 obj.nlink += 1
-                self.reporter.action(name_path, "link", f"same as {obj.row.name}")
+                ctime_ns = os.fstat(fd).st_ctime_ns
+                self.reporter.action(tree.root + rel, "link", f"same as {obj.row.name}")
         if failed:
             with self.catalogue.transaction():
                 for failed_tree, paths in failed.items():
@@ -941,7 +946,8 @@ class _Engine:
                 self.catalogue.forget_digests([(self.trees[node.names[0][0]].dev, rec.ino)])
         return result
 
-    def _replace_name(self, obj: _ObjectHandle, dir_fd: int, dev: int, rec: FileRec) -> str:
+    def _replace_name(self, obj: _ObjectHandle, dir_fd: int, dev: int, rec: FileRec) -> bool:
+        """Rename a fresh link to `obj` over the name, unless the name changed; True if done."""
         assert self.temp_names is not None
         temp = self.temp_names.make()
         _linux.link_fd(obj.fd, dir_fd, temp)
@@ -949,7 +955,7 @@ class _Engine:
             st = os.lstat(rec.name, dir_fd=dir_fd)
             if st.st_dev != dev or not same_stat(rec, st):
                 os.unlink(temp, dir_fd=dir_fd)
-                return "changed"
+                return False
             os.rename(temp, rec.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             try:
@@ -957,7 +963,7 @@ class _Engine:
             except OSError:
                 pass
             raise
-        return "linked"
+        return True
 
     @contextmanager
     def _unflagged(self, fd: int) -> Iterator[None]:
