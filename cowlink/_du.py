@@ -35,9 +35,11 @@ from __future__ import annotations
 import heapq
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._errors import Problem, UsageError
 from ._home import Home
@@ -168,27 +170,47 @@ class _InodeMismatch(Exception):
 class _Scan:
     """One measurement: the walk state shared by every root and the store."""
 
-    def __init__(self, *, depth: int | None, trust_d_ino: bool) -> None:
+    def __init__(
+        self, *, depth: int | None, trust_d_ino: bool, devs: dict[int, int], mounts: list[str]
+    ) -> None:
         self.depth = depth
         self.trust = trust_d_ino
-        self.devs: dict[int, int] = {}
+        self.devs = devs  # st_dev -> index, fixed before any lane starts so keys agree
+        self.mounts = mounts
         # key -> (nlink, blocks, size, first path) for every non-directory with nlink > 1.
         self.seen: dict[int, tuple[int, int, int, str]] = {}
-        self.links: list[dict[int, int]] = []  # per guest: key -> paths in that guest
+        self.links: dict[int, dict[int, int]] = {}  # guest index -> {key: paths in it}
+        self.owners: dict[int, dict[int, int]] = {}  # guest index -> {key: row of 1st path}
         self.rows: list[DirUsage] = []
-        self.owners: list[dict[int, int]] = []  # per guest: key -> row of its first path
         self.problems: list[Problem] = []
-        self.mounts = _safe_mount_points()
+        self.store_objects = self.store_blocks = 0
+        self.in_store: dict[int, int] = {}  # key -> links from the store
 
     def devkey(self, dev: int) -> int:
         index = self.devs.setdefault(dev, len(self.devs))
         return index << _DEV_SHIFT
 
+    def work(self, guests: list[GuestUsage], store: str | None, queue: int | None) -> None:
+        """Walk every guest and the store, or, with a queue, the items it hands out."""
+        if queue is None:
+            for index, usage in enumerate(guests):
+                self.walk_guest(index, usage)
+            if store:
+                self.walk_store(store)
+            return
+        while item := os.read(queue, 2):
+            index = int.from_bytes(item, "little")
+            if index == _STORE_ITEM:
+                assert store is not None
+                self.walk_store(store)
+            else:
+                self.walk_guest(index, guests[index])
+
     def mounts_below(self, root: str) -> frozenset[str]:
         prefix = root.rstrip("/") + "/"
         return frozenset(m for m in self.mounts if m.startswith(prefix))
 
-    def walk_guest(self, usage: GuestUsage) -> None:
+    def walk_guest(self, index: int, usage: GuestUsage) -> None:
         """Walk one guest's tree, filling `usage` except the exclusive/shared split."""
         root = usage.root
         st = os.lstat(root)
@@ -203,8 +225,8 @@ class _Scan:
         mine: dict[int, int] = {}
         mine_get = mine.get
         owner: dict[int, int] = {}
-        self.links.append(mine)
-        self.owners.append(owner)
+        self.links[index] = mine
+        self.owners[index] = owner
         problems = self.problems
 
         files = 0
@@ -303,13 +325,13 @@ class _Scan:
         usage.allocated_bytes = alloc * BLOCK
         usage.unlinked_bytes = unlinked * BLOCK
 
-    def walk_store(self, store: str, totals: Totals) -> dict[int, int]:
-        """Count the objects under HOME/store/xx/yy/; returns key -> links from the store."""
-        in_store: dict[int, int] = {}
+    def walk_store(self, store: str) -> None:
+        """Count the objects under HOME/store/xx/yy/ and which inodes they are."""
+        in_store = self.in_store
         try:
             dev = os.lstat(store).st_dev
         except OSError:
-            return in_store
+            return
         devkey = self.devkey(dev)
         seen_get = self.seen.get
         objects = blocks = 0
@@ -344,9 +366,8 @@ class _Scan:
                             counted.add(key)
                             objects += 1
                             blocks += nblocks
-        totals.store_objects = objects
-        totals.store_bytes = blocks * BLOCK
-        return in_store
+        self.store_objects = objects
+        self.store_blocks = blocks
 
 
 def _safe_mount_points() -> list[str]:
@@ -373,6 +394,7 @@ def measure(
     store: str | None = None,
     top: int = 0,
     depth: int | None = None,
+    parallel: bool | None = None,
 ) -> UsageReport:
     """Measure guest trees and the store.
 
@@ -381,6 +403,7 @@ def measure(
         store: the store directory, or None to leave the store out.
         top: how many of the shared files that save most to list.
         depth: directory levels below each root to break down (0 = roots only), or None.
+        parallel: walk in two processes (None: when two CPUs and no other threads exist).
 
     Raises:
         UsageError: a root is missing or not a directory.
@@ -392,53 +415,164 @@ def measure(
         if not os.path.isdir(real):
             raise UsageError(f"{path}: not a directory")
         resolved.append((name, real))
-    guests = [GuestUsage(name, real) for name, real in resolved]
-    try:
-        result = _run(guests, store, depth, trust_d_ino=True)
-    except _InodeMismatch:
+    if parallel is None:
+        parallel = _can_fork()
+    parallel = parallel and len(resolved) + (store is not None) > 1
+    for trust in (True, False):
         guests = [GuestUsage(name, real) for name, real in resolved]
-        result = _run(guests, store, depth, trust_d_ino=False)
-    report = _summarise(result, guests, store, top)
+        try:
+            scan = _run(guests, store, depth, trust_d_ino=trust, parallel=parallel)
+            break
+        except _InodeMismatch:
+            continue  # d_ino cannot stand in for st_ino here: walk again, stat'ing all
+    report = _summarise(scan, guests, store, top)
     report.elapsed_s = time.perf_counter() - start
     return report
 
 
-@dataclass
-class _Result:
-    scan: _Scan
-    totals: Totals
-    in_store: dict[int, int]
+_STORE_ITEM = 0xFFFF  # the work-queue item for the store; guests are 0, 1, 2, ...
+_CHILD_MISMATCH = 3  # the second lane's exit status for _InodeMismatch
+
+
+class _LaneFailed(Exception):
+    """The second walking process died; the measurement is redone in one process."""
+
+
+def _can_fork() -> bool:
+    # Forking a process that runs other threads can copy a lock in a held state.
+    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
+
+
+def _scan_setup(
+    guests: list[GuestUsage], store: str | None, depth: int | None, trust: bool
+) -> _Scan:
+    devs: dict[int, int] = {}
+    for path in [g.root for g in guests] + ([store] if store else []):
+        try:
+            devs.setdefault(os.lstat(path).st_dev, len(devs))
+        except OSError:
+            pass
+    return _Scan(depth=depth, trust_d_ino=trust, devs=devs, mounts=_safe_mount_points())
 
 
 def _run(
-    guests: list[GuestUsage], store: str | None, depth: int | None, *, trust_d_ino: bool
-) -> _Result:
-    scan = _Scan(depth=depth, trust_d_ino=trust_d_ino)
-    for usage in guests:
-        scan.walk_guest(usage)
-    totals = Totals()
-    in_store = scan.walk_store(store, totals) if store else {}
-    return _Result(scan, totals, in_store)
+    guests: list[GuestUsage],
+    store: str | None,
+    depth: int | None,
+    *,
+    trust_d_ino: bool,
+    parallel: bool,
+) -> _Scan:
+    scan = _scan_setup(guests, store, depth, trust_d_ino)
+    if parallel and len(guests) < 0x4000:  # the queue must fit a pipe's 64 KiB buffer
+        try:
+            _run_two_lanes(scan, guests, store)
+            return scan
+        except _LaneFailed:
+            scan = _scan_setup(guests, store, depth, trust_d_ino)
+            for usage in guests:
+                usage.__dict__.update(GuestUsage(usage.name, usage.root).__dict__)
+    scan.work(guests, store, None)
+    return scan
 
 
-def _summarise(
-    result: _Result, guests: list[GuestUsage], store: str | None, top: int
-) -> UsageReport:
-    scan, totals, in_store = result.scan, result.totals, result.in_store
+def _run_two_lanes(scan: _Scan, guests: list[GuestUsage], store: str | None) -> None:
+    """Walk in this process and a forked one, which take guests from a shared pipe.
+
+    Each pipe read of two bytes is atomic, so every guest (and the store) is walked by
+    exactly one lane; the child sends its lane's state back pickled, and the parent
+    merges it. The d_ino shortcut then works within each lane only.
+    """
+    import pickle
+
+    items = ([_STORE_ITEM] if store else []) + list(range(len(guests)))
+    queue_r, queue_w = os.pipe()
+    os.write(queue_w, b"".join(i.to_bytes(2, "little") for i in items))
+    os.close(queue_w)
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the second lane
+        status = 1
+        try:
+            os.close(result_r)
+            scan.work(guests, store, queue_r)
+            lane = {i: vars(guests[i]) for i in scan.links}
+            data = pickle.dumps((lane, _lane_state(scan)), protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(result_w, "wb") as f:
+                f.write(data)
+            status = 0
+        except _InodeMismatch:
+            status = _CHILD_MISMATCH
+        finally:
+            os._exit(status)
+    os.close(result_w)
+    try:
+        scan.work(guests, store, queue_r)
+    finally:
+        os.close(queue_r)
+        with os.fdopen(result_r, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == _CHILD_MISMATCH:
+        raise _InodeMismatch
+    if code != 0:
+        raise _LaneFailed
+    lane, state = pickle.loads(data)
+    for index, fields in lane.items():
+        vars(guests[index]).update(fields)
+    _merge(scan, state)
+
+
+def _lane_state(scan: _Scan) -> tuple[Any, ...]:
+    return (
+        scan.seen,
+        scan.links,
+        scan.owners,
+        scan.rows,
+        scan.problems,
+        scan.store_objects,
+        scan.store_blocks,
+        scan.in_store,
+    )
+
+
+def _merge(scan: _Scan, state: tuple[Any, ...]) -> None:
+    seen, links, owners, rows, problems, store_objects, store_blocks, in_store = state
+    for key, info in seen.items():
+        scan.seen.setdefault(key, info)
+    offset = len(scan.rows)
+    for r in rows:
+        if r.parent >= 0:
+            r.parent += offset
+    scan.rows += rows
+    scan.links.update(links)
+    for index, owner in owners.items():
+        scan.owners[index] = {key: row + offset for key, row in owner.items()}
+    scan.problems += problems
+    scan.store_objects += store_objects
+    scan.store_blocks += store_blocks
+    for key, n in in_store.items():
+        scan.in_store[key] = scan.in_store.get(key, 0) + n
+
+
+def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: int) -> UsageReport:
     seen = scan.seen
+    links = [scan.links[i] for i in range(len(guests))]
     # How many guests link each multiply-linked inode, and through how many paths.
     n_guests: dict[int, int] = {}
     n_paths: dict[int, int] = {}
-    for mine in scan.links:
+    for mine in links:
         for key, count in mine.items():
             n_guests[key] = n_guests.get(key, 0) + 1
             n_paths[key] = n_paths.get(key, 0) + count
 
     rows = scan.rows
-    for usage, mine, owner in zip(guests, scan.links, scan.owners, strict=True):
+    for index, usage in enumerate(guests):
+        owner = scan.owners[index]
         shared = 0
         fair = 0.0
-        for key, count in mine.items():
+        for key, count in links[index].items():
             nlink, blocks = seen[key][0], seen[key][1]
             if count < nlink:
                 shared += blocks
@@ -456,7 +590,7 @@ def _summarise(
         r.allocated_bytes *= BLOCK
         r.exclusive_bytes *= BLOCK
         r.shared_bytes *= BLOCK
-    for r in reversed(rows):
+    for r in reversed(rows):  # a row's parent always comes before it
         if r.parent >= 0:
             p = rows[r.parent]
             p.files += r.files
@@ -464,36 +598,34 @@ def _summarise(
             p.allocated_bytes += r.allocated_bytes
             p.exclusive_bytes += r.exclusive_bytes
             p.shared_bytes += r.shared_bytes
+    order = {id(g): i for i, g in enumerate(guests)}
+    by_name = {g.name: order[id(g)] for g in reversed(guests)}
+    dirs = sorted(rows, key=lambda r: (by_name[r.guest], [] if r.depth == 0 else r.path.split("/")))
+    for r in dirs:
+        r.parent = -1  # indices into the walk's rows mean nothing to a reader
 
-    totals.files = sum(g.files for g in guests)
-    totals.dirs = sum(g.dirs for g in guests)
-    totals.unlinked_bytes = sum(g.unlinked_bytes for g in guests)
-    # Every inode once: guests' own inodes plus each multiply-linked inode a single time.
-    once_blocks = 0
-    once_size = 0
-    for key in n_guests:
+    totals = Totals(
+        files=sum(g.files for g in guests),
+        dirs=sum(g.dirs for g in guests),
+        unlinked_bytes=sum(g.unlinked_bytes for g in guests),
+        store_objects=scan.store_objects,
+        store_bytes=scan.store_blocks * BLOCK,
+    )
+    # Every inode once: each guest's figures count its multiply-linked inodes once per
+    # guest, so take those out and add each such inode a single time.
+    extra_blocks = extra_size = 0
+    for key, n in n_guests.items():
         info = seen[key]
-        once_blocks += info[1]
-        once_size += info[2]
-    per_guest_multi_blocks = 0
-    per_guest_multi_size = 0
-    for mine in scan.links:
-        for key in mine:
-            info = seen[key]
-            per_guest_multi_blocks += info[1]
-            per_guest_multi_size += info[2]
-    totals.allocated_bytes = (
-        sum(g.allocated_bytes for g in guests) + (once_blocks - per_guest_multi_blocks) * BLOCK
-    )
-    totals.apparent_bytes = sum(g.apparent_bytes for g in guests) + once_size - per_guest_multi_size
+        extra_blocks += info[1] * (n - 1)
+        extra_size += info[2] * (n - 1)
+    totals.allocated_bytes = sum(g.allocated_bytes for g in guests) - extra_blocks * BLOCK
+    totals.apparent_bytes = sum(g.apparent_bytes for g in guests) - extra_size
     totals.saved_bytes = totals.unlinked_bytes - totals.allocated_bytes
-    totals.saved_ratio = (
-        totals.saved_bytes / totals.unlinked_bytes if totals.unlinked_bytes else 0.0
-    )
+    if totals.unlinked_bytes:
+        totals.saved_ratio = totals.saved_bytes / totals.unlinked_bytes
 
     top_files: list[SharedFile] = []
     if top > 0:
-        names = [g.name for g in guests]
         best = heapq.nlargest(
             top,
             (k for k, n in n_paths.items() if n > 1 or n < seen[k][0]),
@@ -505,11 +637,11 @@ def _summarise(
                 SharedFile(
                     path=path,
                     guests=tuple(
-                        name for name, mine in zip(names, scan.links, strict=True) if key in mine
+                        g.name for g, mine in zip(guests, links, strict=True) if key in mine
                     ),
                     links=n_paths[key],
                     nlink=nlink,
-                    in_store=key in in_store,
+                    in_store=key in scan.in_store,
                     allocated_bytes=blocks * BLOCK,
                     saved_bytes=blocks * (n_paths[key] - 1) * BLOCK,
                 )
@@ -518,7 +650,7 @@ def _summarise(
         guests=guests,
         totals=totals,
         top=top_files,
-        dirs=rows,
+        dirs=dirs,
         problems=scan.problems,
         store=store,
     )
@@ -530,6 +662,7 @@ def measure_home(
     *,
     top: int = 0,
     depth: int | None = None,
+    parallel: bool | None = None,
 ) -> UsageReport:
     """Measure the home's guests, or the given roots (named after their guest if any).
 
@@ -540,4 +673,4 @@ def measure_home(
     else:
         pairs = [(name, str(home.guest_root(name))) for name in home.guest_names()]
     store = str(home.store_dir) if home.store_dir.is_dir() else None
-    return measure(pairs, store=store, top=top, depth=depth)
+    return measure(pairs, store=store, top=top, depth=depth, parallel=parallel)

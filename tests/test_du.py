@@ -256,16 +256,17 @@ def test_depth_breaks_usage_down_per_directory(corpus: Home) -> None:
     assert usr.exclusive_bytes < usr.allocated_bytes
 
 
-def test_the_d_ino_shortcut_changes_nothing(corpus: Home) -> None:
+@pytest.mark.parametrize("parallel", [False, True])
+def test_the_d_ino_shortcut_and_two_lanes_change_nothing(corpus: Home, parallel: bool) -> None:
     roots = [(g, str(corpus.guest_root(g))) for g in "abc"]
     store = str(corpus.store_dir)
-    fast = _du._summarise(
-        _du._run(_guests(roots), store, 1, trust_d_ino=True), _guests(roots), store, 3
-    )
-    slow = _du._summarise(
-        _du._run(_guests(roots), store, 1, trust_d_ino=False), _guests(roots), store, 3
-    )
-    assert fast == slow
+
+    def report(trust: bool, parallel: bool) -> _du.UsageReport:
+        guests = _guests(roots)
+        scan = _du._run(guests, store, 1, trust_d_ino=trust, parallel=parallel)
+        return _du._summarise(scan, guests, store, 3)
+
+    assert report(True, parallel) == report(False, False)
 
 
 def _guests(roots: list[tuple[str, str]]) -> list[_du.GuestUsage]:

@@ -6,11 +6,8 @@ import sys
 
 import click
 
-from .._du import measure_home
-from .._du_render import as_csv, as_html, as_json, table
 from .._errors import EXIT_OK, EXIT_PROBLEMS
 from .._home import Home
-from .._metrics import read_last_unify, write_atomically, write_metrics
 from ._output import printable
 
 
@@ -66,6 +63,11 @@ def du(
     paths link them; totals equal `du -sx --total` over the same roots. Exit status: 0,
     1 when some paths could not be read (each listed on stderr), 2 on a usage error.
     """
+    # Imported here so that other commands do not pay for them at start-up.
+    from .._du import measure_home
+    from .._du_render import as_csv, as_html, as_json, table
+    from .._metrics import read_last_unify, write_atomically, write_metrics
+
     report = measure_home(home, list(roots) or None, top=top, depth=depth)
     last_unify = read_last_unify(home) if fmt == "json" or html_file or metrics_file else None
     for problem in report.problems:

@@ -1,0 +1,141 @@
+"""`cowlink du` against `du -s` on a unified copy of the real guest corpus, warm, same run.
+
+Usage (as root, from the repository):
+
+    .venv/bin/python -m bench.bench_du [--runs N] [--keep DIR | --reuse DIR]
+
+It copies /var/cache/cowlink-corpus/g1..g4 into a home under /var/tmp (the same
+filesystem as the corpus), unifies it with `cowlink unify` (falling back to util-linux
+`hardlink` plus a fake store when unify is unavailable), warms the caches, then times,
+alternating: `du -s --total -B1` over the guest roots, the same plus the store (what
+`cowlink du` walks), `cowlink du` as a process, and the in-process measurement alone.
+Wall times are the minimum and median of N runs; peak RSS comes from wait4().
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CORPUS = Path("/var/cache/cowlink-corpus")
+GUESTS = ("g1", "g2", "g3", "g4")
+
+
+def _run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one process, its output discarded."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.decode(errors='replace')}")
+    return wall, usage.ru_maxrss
+
+
+def _prepare(home: Path) -> str:
+    """Copy the corpus into `home` and unify it; returns how it was unified."""
+    for g in GUESTS:
+        if not (CORPUS / f".done-{g}").exists():
+            raise SystemExit(f"corpus guest {g} is not ready ({CORPUS}/.done-{g} missing)")
+        (home / "guests" / g).mkdir(parents=True)
+        subprocess.run(["cp", "-a", str(CORPUS / g), str(home / "guests" / g / "root")], check=True)
+    unify = subprocess.run(
+        [sys.executable, "-m", "cowlink", "--home", str(home), "unify", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    if unify.returncode in (0, 1):
+        return "cowlink unify"
+    # Fallback: hardlink the duplicates, then give each multiply-linked inode a store name.
+    roots = [str(home / "guests" / g / "root") for g in GUESTS]
+    subprocess.run(["hardlink", "-q", "-X", *roots], check=True)
+    store = home / "store"
+    seen: set[int] = set()
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                if st.st_nlink > 1 and st.st_ino not in seen and os.path.isfile(path):
+                    seen.add(st.st_ino)
+                    h = f"{st.st_ino:08x}"
+                    obj = store / h[:2] / h[2:4] / h
+                    obj.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(path, obj)
+    return "hardlink -X + fake store"
+
+
+def _fmt(samples: list[float]) -> str:
+    return f"min {min(samples) * 1000:7.1f} ms  median {statistics.median(samples) * 1000:7.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=11)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--keep", metavar="DIR", help="build the unified home in DIR and keep it")
+    group.add_argument("--reuse", metavar="DIR", help="a home built earlier with --keep")
+    args = parser.parse_args()
+
+    if args.reuse:
+        home, how, cleanup = Path(args.reuse), "reused", False
+    else:
+        home = Path(args.keep or tempfile.mkdtemp(prefix="bench-du-", dir="/var/tmp"))
+        home.mkdir(parents=True, exist_ok=True)
+        cleanup = not args.keep
+        how = _prepare(home)
+    try:
+        roots = [str(home / "guests" / g / "root") for g in GUESTS]
+        store = str(home / "store")
+        commands = {
+            "du -s --total (guest roots)": ["du", "-s", "--total", "-B1", *roots],
+            "du -s --total (roots + store)": ["du", "-s", "--total", "-B1", *roots, store],
+            "cowlink du": [sys.executable, "-m", "cowlink", "--home", str(home), "du", "--bytes"],
+        }
+        from cowlink._du import measure_home
+        from cowlink._home import Home
+
+        h = Home(home)
+        for cmd in commands.values():
+            _run(cmd)  # warm the dentry and inode caches and the .pyc files
+        walls: dict[str, list[float]] = {name: [] for name in commands}
+        rss: dict[str, int] = {}
+        inproc: list[float] = []
+        for _ in range(args.runs):
+            for name, cmd in commands.items():
+                wall, peak = _run(cmd)
+                walls[name].append(wall)
+                rss[name] = max(rss.get(name, 0), peak)
+            start = time.perf_counter()
+            report = measure_home(h)
+            inproc.append(time.perf_counter() - start)
+
+        t = report.totals
+        print(f"corpus: {len(roots)} guests, {t.files} files, {t.dirs} dirs, unified by {how}")
+        print(
+            f"allocated {t.allocated_bytes} B, saved {t.saved_bytes} B ({t.saved_ratio:.1%}),"
+            f" store {t.store_objects} objects"
+        )
+        base = min(walls["du -s --total (guest roots)"])
+        for name, samples in walls.items():
+            print(
+                f"{name:32s} {_fmt(samples)}  ratio {min(samples) / base:4.2f}"
+                f"  peak RSS {rss[name] / 1024:6.1f} MiB"
+            )
+        print(f"{'measure_home() in process':32s} {_fmt(inproc)}  ratio {min(inproc) / base:4.2f}")
+    finally:
+        if cleanup:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
