@@ -414,7 +414,8 @@ def measure(
         real = os.path.realpath(path)
         if not os.path.isdir(real):
             raise UsageError(f"{path}: not a directory")
-        resolved.append((name, real))
+        if all(real != r for _, r in resolved):  # a root named twice counts once, as in du
+            resolved.append((name, real))
     if parallel is None:
         parallel = _can_fork()
     parallel = parallel and len(resolved) + (store is not None) > 1

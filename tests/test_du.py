@@ -523,3 +523,47 @@ def test_no_guests_is_an_empty_report(home: Path) -> None:
 def test_a_missing_root_is_a_usage_error(home: Path, tmp_path: Path) -> None:
     code, _ = _invoke(Home(home), str(tmp_path / "nope"))
     assert code == 2
+
+
+def test_unreadable_directories_are_problems_not_crashes(
+    corpus: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = os.path.realpath(corpus.guest_root("b") / "etc")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if path == bad:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = CliRunner().invoke(main, ["--home", str(corpus.path), "du", "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["problems"] == [{"path": bad, "error": "Permission denied"}]
+    assert f"cowlink: {bad}: Permission denied" in result.stderr
+    assert [g["name"] for g in doc["guests"]] == ["a", "b", "c"]
+
+
+def test_undecodable_names_are_escaped_in_every_output(corpus: Home, tmp_path: Path) -> None:
+    a = corpus.guest_root("a")
+    odd = os.path.join(os.fsencode(a), b"caf\xe9")
+    with open(odd, "wb") as f:
+        f.write(b"z" * 300_000)  # saves more than anything else here
+    os.link(odd, os.path.join(os.fsencode(a), b"caf\xe9-2"))
+    code, out = _invoke(corpus, "--json", "--top", "1")
+    assert code == 0
+    assert json.loads(out)["top"][0]["path"].endswith("caf\\udce9")
+    code, out = _invoke(corpus, "--csv", "--top", "1")
+    assert code == 0
+    code, out = _invoke(corpus, "--top", "1", "--html", str(tmp_path / "r.html"))
+    assert code == 0
+    assert "caf\\udce9" in out
+
+
+def test_a_root_named_twice_counts_once(corpus: Home) -> None:
+    a = str(corpus.guest_root("a"))
+    twice = measure_home(corpus, [a, a + "/"])
+    once = measure_home(corpus, [a])
+    assert [g.name for g in twice.guests] == ["a"]
+    assert twice.totals == once.totals
