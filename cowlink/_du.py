@@ -213,7 +213,15 @@ class _Scan:
     def walk_guest(self, index: int, usage: GuestUsage) -> None:
         """Walk one guest's tree, filling `usage` except the exclusive/shared split."""
         root = usage.root
-        st = os.lstat(root)
+        mine: dict[int, int] = {}
+        owner: dict[int, int] = {}
+        self.links[index] = mine
+        self.owners[index] = owner
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            self.problems.append(Problem(root, exc.strerror or str(exc)))
+            return
         dev = st.st_dev
         devkey = self.devkey(dev)
         mounts = self.mounts_below(root)
@@ -222,11 +230,7 @@ class _Scan:
         rows = self.rows
         seen = self.seen
         seen_get = seen.get
-        mine: dict[int, int] = {}
         mine_get = mine.get
-        owner: dict[int, int] = {}
-        self.links[index] = mine
-        self.owners[index] = owner
         problems = self.problems
 
         files = 0
@@ -285,13 +289,12 @@ class _Scan:
                             continue
                         if trust and key != st.st_ino | devkey:
                             raise _InodeMismatch
-                        d_files += 1
                         if st.st_nlink == 1:
+                            d_files += 1
                             d_unlinked += blocks
                             d_apparent += st.st_size
                             d_alloc += blocks
                             continue
-                        d_files -= 1  # counted with the other multiply-linked paths below
                         key = st.st_ino | devkey
                         if not trust:
                             info = seen_get(key)
@@ -334,8 +337,8 @@ class _Scan:
             return
         devkey = self.devkey(dev)
         seen_get = self.seen.get
+        trust = self.trust
         objects = blocks = 0
-        counted: set[int] = set()
         for level1 in _subdirs(store, self.problems):
             for level2 in _subdirs(level1, self.problems):
                 try:
@@ -347,10 +350,10 @@ class _Scan:
                     for e in it:
                         if e.name.startswith("."):
                             continue
-                        info = seen_get(e.inode() | devkey) if self.trust else None
+                        key = e.inode() | devkey
+                        info = seen_get(key) if trust else None
                         if info is not None:
-                            key = e.inode() | devkey
-                            nblocks = info[1]
+                            nblocks = info[1]  # a guest links it: already stat'ed
                         else:
                             try:
                                 st = e.stat(follow_symlinks=False)
@@ -361,9 +364,9 @@ class _Scan:
                                 continue
                             key = st.st_ino | devkey
                             nblocks = st.st_blocks
-                        in_store[key] = in_store.get(key, 0) + 1
-                        if key not in counted:
-                            counted.add(key)
+                        n = in_store.get(key, 0)
+                        in_store[key] = n + 1
+                        if n == 0:
                             objects += 1
                             blocks += nblocks
         self.store_objects = objects
@@ -380,7 +383,9 @@ def _safe_mount_points() -> list[str]:
 def _subdirs(path: str, problems: list[Problem]) -> list[str]:
     try:
         with os.scandir(path) as it:
-            return [e.path for e in it if not e.name.startswith(".") and e.is_dir()]
+            return [
+                e.path for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
+            ]
     except FileNotFoundError:
         return []
     except OSError as exc:
