@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class LastUnify:
     """The newest recorded `cowlink unify` run."""
 
-    timestamp_s: float  # when it started, seconds since the epoch
+    timestamp_s: float  # when it finished, seconds since the epoch
     duration_s: float
     errors: int  # per-file problems it reported
     exit_code: int
@@ -58,7 +58,7 @@ def read_last_unify(home: Home) -> LastUnify | None:
         return None
     started_ns, duration_s, exit_code, stats_text = row
     return LastUnify(
-        timestamp_s=int(started_ns) / 1e9,
+        timestamp_s=int(started_ns) / 1e9 + float(duration_s),
         duration_s=float(duration_s),
         errors=_error_count(stats_text),
         exit_code=int(exit_code),
@@ -134,7 +134,7 @@ def render_metrics(report: UsageReport, last_unify: LastUnify | None) -> str:
     if last_unify is not None:
         lines += _family(
             "cowlink_last_unify_timestamp_seconds",
-            "When the last cowlink unify run started, in seconds since the epoch.",
+            "When the last cowlink unify run finished, in seconds since the epoch.",
             [({}, last_unify.timestamp_s)],
         )
         lines += _family(

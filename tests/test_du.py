@@ -438,11 +438,11 @@ def test_metrics_report_the_last_unify_run(corpus: Home, tmp_path: Path) -> None
     )
     db.commit()
     db.close()
-    assert read_last_unify(corpus) == LastUnify(1_700_000_100.0, 3.25, 2, 1)
+    assert read_last_unify(corpus) == LastUnify(1_700_000_103.25, 3.25, 2, 1)
     prom = tmp_path / "u.prom"
     write_metrics(corpus, prom)
     metrics = _parse_metrics(prom.read_text())
-    assert metrics["cowlink_last_unify_timestamp_seconds"][()] == 1_700_000_100
+    assert metrics["cowlink_last_unify_timestamp_seconds"][()] == 1_700_000_103.25
     assert metrics["cowlink_last_unify_duration_seconds"][()] == 3.25
     assert metrics["cowlink_last_unify_errors"][()] == 2
     assert metrics["cowlink_guest_exclusive_bytes"].keys() == {(("guest", g),) for g in "abc"}
