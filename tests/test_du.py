@@ -24,7 +24,8 @@ from cowlink._du_render import as_csv, as_html, as_json, human, table
 from cowlink._home import Home
 from cowlink._metrics import LastUnify, read_last_unify, render_metrics, write_metrics
 from cowlink.cli import main
-from tests._util import need_root
+from tests._guests import cowlink, make_guests, write
+from tests._util import need_immutable, need_root
 
 BLOCK = 512
 
@@ -567,3 +568,29 @@ def test_a_root_named_twice_counts_once(corpus: Home) -> None:
     once = measure_home(corpus, [a])
     assert [g.name for g in twice.guests] == ["a"]
     assert twice.totals == once.totals
+
+
+def test_after_a_real_unify_the_report_matches_du_and_the_store(home: Path) -> None:
+    need_immutable()
+    files = {"usr/bin/tool": os.urandom(40_000), "usr/lib/libx.so": os.urandom(70_000)}
+    a, b, c = make_guests(home, files, guests=("a", "b", "c"))
+    write(c / "etc" / "own", os.urandom(10_000))
+    result = cowlink(home, "unify", "-q")
+    assert result.exit_code == 0, result.stderr
+    h = Home(home)
+    report = measure_home(h, top=1)
+    assert report.totals.allocated_bytes == _gnu_du("--total", a, b, c)[-1]
+    assert report.totals.store_objects == 2
+    assert report.totals.store_bytes == _gnu_du(h.store_dir)[0] - _dir_blocks(h.store_dir)
+    unified = sum(os.lstat(a / rel).st_blocks * BLOCK for rel in files)
+    assert report.totals.saved_bytes == 2 * unified
+    for g in report.guests:
+        assert g.shared_bytes == unified
+        assert g.fair_share_bytes == round(unified / 3)
+    assert report.top[0].in_store
+    assert report.top[0].links == 3
+
+
+def _dir_blocks(top: Path) -> int:
+    """Allocated bytes of the directories under `top`, itself included."""
+    return sum(os.lstat(d).st_blocks * BLOCK for d, _dirs, _files in os.walk(top))
