@@ -37,6 +37,7 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -565,13 +566,10 @@ def _merge(scan: _Scan, state: tuple[Any, ...]) -> None:
 def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: int) -> UsageReport:
     seen = scan.seen
     links = [scan.links[i] for i in range(len(guests))]
-    # How many guests link each multiply-linked inode, and through how many paths.
-    n_guests: dict[int, int] = {}
-    n_paths: dict[int, int] = {}
+    # How many guests link each multiply-linked inode (Counter counts keys in C).
+    n_guests: Counter[int] = Counter()
     for mine in links:
-        for key, count in mine.items():
-            n_guests[key] = n_guests.get(key, 0) + 1
-            n_paths[key] = n_paths.get(key, 0) + count
+        n_guests.update(mine.keys())
 
     rows = scan.rows
     for index, usage in enumerate(guests):
@@ -579,12 +577,13 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
         shared = 0
         fair = 0.0
         for key, count in links[index].items():
-            nlink, blocks = seen[key][0], seen[key][1]
-            if count < nlink:
+            info = seen[key]
+            if count < info[0]:
+                blocks = info[1]
                 shared += blocks
                 fair += blocks / n_guests[key]
-                row = owner.get(key)
-                if row is not None:
+                if owner:
+                    row = owner[key]
                     rows[row].exclusive_bytes -= blocks
                     rows[row].shared_bytes += blocks
         usage.shared_bytes = shared * BLOCK
@@ -621,9 +620,10 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
     # guest, so take those out and add each such inode a single time.
     extra_blocks = extra_size = 0
     for key, n in n_guests.items():
-        info = seen[key]
-        extra_blocks += info[1] * (n - 1)
-        extra_size += info[2] * (n - 1)
+        if n > 1:
+            info = seen[key]
+            extra_blocks += info[1] * (n - 1)
+            extra_size += info[2] * (n - 1)
     totals.allocated_bytes = sum(g.allocated_bytes for g in guests) - extra_blocks * BLOCK
     totals.apparent_bytes = sum(g.apparent_bytes for g in guests) - extra_size
     totals.saved_bytes = totals.unlinked_bytes - totals.allocated_bytes
@@ -632,6 +632,10 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
 
     top_files: list[SharedFile] = []
     if top > 0:
+        n_paths: Counter[int] = Counter()
+        for mine in links:
+            for key, count in mine.items():
+                n_paths[key] += count
         best = heapq.nlargest(
             top,
             (k for k, n in n_paths.items() if n > 1 or n < seen[k][0]),
