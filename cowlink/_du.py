@@ -330,46 +330,56 @@ class _Scan:
         usage.unlinked_bytes = unlinked * BLOCK
 
     def walk_store(self, store: str) -> None:
-        """Count the objects under HOME/store/xx/yy/ and which inodes they are."""
+        """Count the objects in the store: its regular files, at any fan-out depth.
+
+        Names starting with "." (temporary files and directories) are not objects.
+        """
         in_store = self.in_store
         try:
             dev = os.lstat(store).st_dev
         except OSError:
             return
         devkey = self.devkey(dev)
+        mounts = self.mounts_below(store)
         seen_get = self.seen.get
         trust = self.trust
+        problems = self.problems
         objects = blocks = 0
-        for level1 in _subdirs(store, self.problems):
-            for level2 in _subdirs(level1, self.problems):
-                try:
-                    it = os.scandir(level2)
-                except OSError as exc:
-                    self.problems.append(Problem(level2, exc.strerror or str(exc)))
-                    continue
-                with it:
-                    for e in it:
-                        if e.name.startswith("."):
+        stack = [store]
+        while stack:
+            path = stack.pop()
+            try:
+                it = os.scandir(path)
+            except OSError as exc:
+                problems.append(Problem(path, exc.strerror or str(exc)))
+                continue
+            with it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):  # from d_type: no stat needed
+                        if e.path not in mounts:
+                            stack.append(e.path)
+                        continue
+                    key = e.inode() | devkey
+                    info = seen_get(key) if trust else None
+                    if info is not None:
+                        nblocks = info[1]  # a guest links it: already stat'ed
+                    else:
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError as exc:
+                            problems.append(Problem(e.path, exc.strerror or str(exc)))
                             continue
-                        key = e.inode() | devkey
-                        info = seen_get(key) if trust else None
-                        if info is not None:
-                            nblocks = info[1]  # a guest links it: already stat'ed
-                        else:
-                            try:
-                                st = e.stat(follow_symlinks=False)
-                            except OSError as exc:
-                                self.problems.append(Problem(e.path, exc.strerror or str(exc)))
-                                continue
-                            if not stat.S_ISREG(st.st_mode):
-                                continue
-                            key = st.st_ino | devkey
-                            nblocks = st.st_blocks
-                        n = in_store.get(key, 0)
-                        in_store[key] = n + 1
-                        if n == 0:
-                            objects += 1
-                            blocks += nblocks
+                        if st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+                            continue
+                        key = st.st_ino | devkey
+                        nblocks = st.st_blocks
+                    n = in_store.get(key, 0)
+                    in_store[key] = n + 1
+                    if n == 0:
+                        objects += 1
+                        blocks += nblocks
         self.store_objects = objects
         self.store_blocks = blocks
 
@@ -378,19 +388,6 @@ def _safe_mount_points() -> list[str]:
     try:
         return mount_points()
     except OSError:
-        return []
-
-
-def _subdirs(path: str, problems: list[Problem]) -> list[str]:
-    try:
-        with os.scandir(path) as it:
-            return [
-                e.path for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)
-            ]
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        problems.append(Problem(path, exc.strerror or str(exc)))
         return []
 
 

@@ -64,8 +64,9 @@ def corpus(home: Path, tmp_path: Path) -> Home:
     _link(obj, b / "usr" / "lib" / "libcommon-again.so")  # a second name in b
     only_a = _write(store / "12" / "34" / "obj-only-a", os.urandom(9000))
     _link(only_a, a / "bin" / "only-a")
-    _write(store / "ff" / "ee" / "obj-orphan", os.urandom(3000))
+    _write(store / "ff" / "obj-orphan", os.urandom(3000))  # any fan-out depth will do
     _write(store / ".tmp" / "partial", b"ignored")  # dot entries are not objects
+    _write(store / "ab" / ".new" / "partial", b"ignored")
 
     with open(_write(a / "var" / "sparse.img", b""), "r+b") as f:
         f.truncate(8 << 20)
@@ -213,8 +214,9 @@ def test_store_objects_and_bytes(corpus: Home) -> None:
     report = measure_home(corpus)
     objects = [
         p
-        for p in corpus.store_dir.glob("*/*/*")
-        if not p.parent.parent.name.startswith(".") and p.is_file()
+        for p in corpus.store_dir.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(corpus.store_dir).parts)
     ]
     assert report.totals.store_objects == len(objects) == 3
     assert report.totals.store_bytes == sum(os.lstat(p).st_blocks * BLOCK for p in objects)
