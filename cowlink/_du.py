@@ -178,8 +178,9 @@ class _Scan:
         self.trust = trust_d_ino
         self.devs = devs  # st_dev -> index, fixed before any lane starts so keys agree
         self.mounts = mounts
-        # key -> (nlink, blocks, size, first path) for every non-directory with nlink > 1.
-        self.seen: dict[int, tuple[int, int, int, str]] = {}
+        # key -> (nlink, blocks, size, first path, its guest's index) for every
+        # non-directory with nlink > 1.
+        self.seen: dict[int, tuple[int, int, int, str, int]] = {}
         self.links: dict[int, dict[int, int]] = {}  # guest index -> {key: paths in it}
         self.owners: dict[int, dict[int, int]] = {}  # guest index -> {key: row of 1st path}
         self.rows: list[DirUsage] = []
@@ -300,7 +301,7 @@ class _Scan:
                         if not trust:
                             info = seen_get(key)
                         if info is None:
-                            info = seen[key] = (st.st_nlink, blocks, st.st_size, e.path)
+                            info = seen[key] = (st.st_nlink, blocks, st.st_size, e.path, index)
                     # A multiply-linked inode; `info` holds its first stat.
                     d_files += 1
                     d_unlinked += info[1]
@@ -543,8 +544,11 @@ def _lane_state(scan: _Scan) -> tuple[Any, ...]:
 
 def _merge(scan: _Scan, state: tuple[Any, ...]) -> None:
     seen, links, owners, rows, problems, store_objects, store_blocks, in_store = state
+    mine = scan.seen
     for key, info in seen.items():
-        scan.seen.setdefault(key, info)
+        # Keep the path from the first guest, as one process walking in order would.
+        if key not in mine or info[4] < mine[key][4]:
+            mine[key] = info
     offset = len(scan.rows)
     for r in rows:
         if r.parent >= 0:
@@ -639,7 +643,7 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
             key=lambda k: (seen[k][1] * (n_paths[k] - 1), seen[k][1], k),
         )
         for key in best:
-            nlink, blocks, _size, path = seen[key]
+            nlink, blocks, _size, path, _guest = seen[key]
             top_files.append(
                 SharedFile(
                     path=path,
