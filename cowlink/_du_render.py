@@ -259,10 +259,11 @@ def _bar(label: str, parts: list[tuple[str, int, str]], scale: int, width: int =
         )
         x += w
     total = sum(value for _, value, _ in parts)
-    text = html.escape(f"{label}: {human(total)}")
+    detail = ", ".join(f"{human(value)} {name}" for name, value, _ in parts)
+    text = html.escape(f"{human(total)} ({detail})")
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{height}"'
-        f' role="img" aria-label="{text}">'
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 380}" height="{height}"'
+        f' role="img" aria-label="{html.escape(label)}: {text}">'
         + "".join(rects)
         + f'<text x="{width + 8}" y="19" font-size="13">{text}</text></svg>'
     )
