@@ -46,7 +46,7 @@ def corpus(home: Path, tmp_path: Path) -> Home:
     """Three guests and a store covering every case the report distinguishes.
 
     - a: a sparse file; a store object shared with b and c; a file hardlinked to a path
-      outside every tree; a symlink, a fifo, an empty directory.
+      outside every tree; symlinks, a fifo, a device node (as root), an empty directory.
     - b: the same store object; two names for one inode inside b only (exclusive).
     - c: the store object once, and a split copy of its content (a separate inode).
     - store: one object linked into a, b and c, one linked into a only, one orphan.
@@ -78,6 +78,9 @@ def corpus(home: Path, tmp_path: Path) -> Home:
     (a / "etc" / "short").symlink_to("x")
     (a / "run").mkdir()
     os.mkfifo(a / "run" / "fifo")
+    if os.geteuid() == 0:
+        (a / "dev").mkdir()
+        os.mknod(a / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     (a / "empty").mkdir()
 
     tool = _write(b / "bin" / "tool", os.urandom(30_000))
