@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -535,14 +536,14 @@ def test_unreadable_directories_are_problems_not_crashes(
     corpus: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bad = os.path.realpath(corpus.guest_root("b") / "etc")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str) -> object:
+    def open_(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
         if path == bad:
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)
     result = CliRunner().invoke(main, ["--home", str(corpus.path), "du", "--json"])
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
