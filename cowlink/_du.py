@@ -424,7 +424,8 @@ def measure(
         store: the store directory, or None to leave the store out.
         top: how many of the shared files that save most to list.
         depth: directory levels below each root to break down (0 = roots only), or None.
-        parallel: walk in two processes (None: when two CPUs and no other threads exist).
+        parallel: walk in two processes; None decides: yes when a CPU is idle (load
+            average below the CPU count minus one) and no other thread runs.
 
     Raises:
         UsageError: a root is missing or not a directory.
@@ -461,8 +462,12 @@ class _LaneFailed(Exception):
 
 
 def _can_fork() -> bool:
-    # Forking a process that runs other threads can copy a lock in a held state.
-    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
+    """A second lane pays only with a CPU to spare (measured: it loses when both are busy).
+
+    Forking a process that runs other threads could also copy a lock in a held state.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    return threading.active_count() == 1 and cpus > 1 and os.getloadavg()[0] < cpus - 1
 
 
 def _scan_setup(
