@@ -114,17 +114,19 @@ def main() -> None:
         for cmd in commands.values():
             _run(cmd)  # warm the dentry and inode caches and the .pyc files
         walls: dict[str, list[float]] = {name: [] for name in commands}
-        inproc: list[float] = []
-        inproc_one: list[float] = []
+        lanes: dict[str, bool | None] = {
+            "measure_home() in process": None,
+            "  forced into one process": False,
+            "  forced into two processes": True,
+        }
+        inproc: dict[str, list[float]] = {name: [] for name in lanes}
         for _ in range(args.runs):
             for name, cmd in commands.items():
                 walls[name].append(_run(cmd))
-            start = time.perf_counter()
-            report = measure_home(h)
-            inproc.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            measure_home(h, parallel=False)
-            inproc_one.append(time.perf_counter() - start)
+            for name, parallel in lanes.items():
+                start = time.perf_counter()
+                report = measure_home(h, parallel=parallel)
+                inproc[name].append(time.perf_counter() - start)
         rss = {name: _peak_rss_kib(cmd) for name, cmd in commands.items()}
 
         t = report.totals
@@ -139,10 +141,7 @@ def main() -> None:
                 f"{name:32s} {_fmt(samples)}  ratio {min(samples) / base:4.2f}"
                 f"  peak RSS {rss[name] / 1024:6.1f} MiB"
             )
-        for name, samples in (
-            ("measure_home() in process", inproc),
-            ("  the same in one process", inproc_one),
-        ):
+        for name, samples in inproc.items():
             print(f"{name:32s} {_fmt(samples)}  ratio {min(samples) / base:4.2f}")
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:
