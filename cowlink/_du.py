@@ -23,11 +23,13 @@ shared inode's blocks evenly among the guests that link it; the store is not a t
 and takes no share, so the guests' exclusive plus fair-share bytes add up to the total
 (up to rounding to whole bytes).
 
-Speed: the walk is a tight `os.scandir` loop that keeps no per-file objects except one
-small tuple per multiply-linked inode. Once an inode with several links has been stat'ed,
+Speed: the walk is a tight `os.scandir` loop over directory descriptors (so each stat
+looks up one name, not a whole path) that keeps no per-file objects except one small
+tuple per multiply-linked inode. Once an inode with several links has been stat'ed,
 later links to it are recognised by the directory entry's inode number (`d_ino`) and
 need no stat at all; this is checked against `st_ino` on every stat and abandoned (the
-walk starts again without it) on a filesystem where the two differ.
+walk starts again without it) on a filesystem where the two differ. With a CPU to
+spare, a forked second process takes guests (or the store) from a shared queue.
 """
 
 from __future__ import annotations
