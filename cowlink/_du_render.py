@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -69,7 +70,11 @@ def _align(rows: list[list[str]], right_from: int = 1) -> list[str]:
     return out
 
 
-def table(report: UsageReport, *, exact: bool = False) -> str:
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def table(report: UsageReport, *, exact: bool = False, last_unify: LastUnify | None = None) -> str:
     """The terminal view: one line per guest, the totals, then --top and --depth sections."""
     size = str if exact else human
     rows = [["GUEST", "FILES", "APPARENT", "ALLOCATED", "EXCLUSIVE", "SHARED", "FAIR SHARE"]]
@@ -97,6 +102,12 @@ def table(report: UsageReport, *, exact: bool = False) -> str:
     )
     if report.store is not None:
         lines.append(f"store: {t.store_objects} objects, {size(t.store_bytes)}")
+    if last_unify is not None:
+        lines.append(
+            f"last unify: finished {_when(last_unify.timestamp_s)}, took"
+            f" {last_unify.duration_s:.1f} s, {last_unify.errors} errors,"
+            f" exit {last_unify.exit_code}"
+        )
     if report.top:
         lines.append("")
         top_rows = [["SAVES", "SIZE", "LINKS", "GUESTS", "PATH"]]

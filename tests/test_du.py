@@ -452,6 +452,9 @@ def test_metrics_report_the_last_unify_run(corpus: Home, tmp_path: Path) -> None
     assert metrics["cowlink_last_unify_timestamp_seconds"][()] == 1_700_000_103.25
     assert metrics["cowlink_last_unify_duration_seconds"][()] == 3.25
     assert metrics["cowlink_last_unify_errors"][()] == 2
+    code, out = _invoke(corpus)
+    assert code == 0
+    assert "last unify: finished 2023-11-14 22:15:03 UTC, took 3.2 s, 2 errors, exit 1" in out
     assert metrics["cowlink_guest_exclusive_bytes"].keys() == {(("guest", g),) for g in "abc"}
 
 

@@ -69,7 +69,7 @@ def du(
     from .._metrics import read_last_unify, write_atomically, write_metrics
 
     report = measure_home(home, list(roots) or None, top=top, depth=depth)
-    last_unify = read_last_unify(home) if fmt == "json" or html_file or metrics_file else None
+    last_unify = read_last_unify(home)
     for problem in report.problems:
         click.echo(f"cowlink: {printable(problem.path)}: {problem.error}", err=True)
     if fmt == "json":
@@ -77,7 +77,7 @@ def du(
     elif fmt == "csv":
         click.echo(as_csv(report), nl=False)
     else:
-        click.echo(table(report, exact=exact), nl=False)
+        click.echo(table(report, exact=exact, last_unify=last_unify), nl=False)
     if html_file:
         write_atomically(html_file, as_html(report, last_unify))
     if metrics_file:
