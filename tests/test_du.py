@@ -603,3 +603,21 @@ def test_after_a_real_unify_the_report_matches_du_and_the_store(home: Path) -> N
 def _dir_blocks(top: Path) -> int:
     """Allocated bytes of the directories under `top`, itself included."""
     return sum(os.lstat(d).st_blocks * BLOCK for d, _dirs, _files in os.walk(top))
+
+
+def test_a_filesystem_whose_d_ino_differs_is_walked_again_with_stats(
+    corpus: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_run = _du._run
+    calls: list[bool] = []
+
+    def run(*args: Any, trust_d_ino: bool, **kwargs: Any) -> Any:
+        calls.append(trust_d_ino)
+        if trust_d_ino:
+            raise _du._InodeMismatch
+        return real_run(*args, trust_d_ino=trust_d_ino, **kwargs)
+
+    expected = measure_home(corpus)
+    monkeypatch.setattr(_du, "_run", run)
+    assert measure_home(corpus).totals == expected.totals
+    assert calls == [True, False]
