@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -28,14 +29,22 @@ CORPUS = Path("/var/cache/cowlink-corpus")
 GUESTS = ("g1", "g2", "g3", "g4")
 
 
-def _run(cmd: list[str]) -> float:
-    """Wall seconds of one process, its output discarded."""
+def _cpu() -> float:
+    """CPU seconds (user + system) used so far by this process and its waited-for children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one process, its output discarded."""
+    cpu = _cpu()
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     wall = time.perf_counter() - start
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.decode()}")
-    return wall
+    return wall, _cpu() - cpu
 
 
 def _peak_rss_kib(cmd: list[str]) -> int:
@@ -114,19 +123,26 @@ def main() -> None:
         for cmd in commands.values():
             _run(cmd)  # warm the dentry and inode caches and the .pyc files
         walls: dict[str, list[float]] = {name: [] for name in commands}
+        cpus: dict[str, list[float]] = {name: [] for name in commands}
         lanes: dict[str, bool | None] = {
             "measure_home() in process": None,
             "  forced into one process": False,
             "  forced into two processes": True,
         }
-        inproc: dict[str, list[float]] = {name: [] for name in lanes}
+        for name in lanes:
+            walls[name] = []
+            cpus[name] = []
         for _ in range(args.runs):
             for name, cmd in commands.items():
-                walls[name].append(_run(cmd))
+                wall, cpu = _run(cmd)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
             for name, parallel in lanes.items():
+                cpu = _cpu()
                 start = time.perf_counter()
                 report = measure_home(h, parallel=parallel)
-                inproc[name].append(time.perf_counter() - start)
+                walls[name].append(time.perf_counter() - start)
+                cpus[name].append(_cpu() - cpu)
         rss = {name: _peak_rss_kib(cmd) for name, cmd in commands.items()}
 
         t = report.totals
@@ -136,13 +152,14 @@ def main() -> None:
             f" store {t.store_objects} objects"
         )
         base = min(walls["du -s --total (guest roots)"])
+        base_cpu = min(cpus["du -s --total (guest roots)"])
         for name, samples in walls.items():
+            rss_text = f"  peak RSS {rss[name] / 1024:5.1f} MiB" if name in rss else ""
             print(
-                f"{name:32s} {_fmt(samples)}  ratio {min(samples) / base:4.2f}"
-                f"  peak RSS {rss[name] / 1024:6.1f} MiB"
+                f"{name:30s} wall {_fmt(samples)}  ratio {min(samples) / base:4.2f}"
+                f"  CPU min {min(cpus[name]) * 1000:6.1f} ms"
+                f" ratio {min(cpus[name]) / base_cpu:4.2f}{rss_text}"
             )
-        for name, samples in inproc.items():
-            print(f"{name:32s} {_fmt(samples)}  ratio {min(samples) / base:4.2f}")
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:
         if cleanup:
