@@ -621,3 +621,12 @@ def test_a_filesystem_whose_d_ino_differs_is_walked_again_with_stats(
     monkeypatch.setattr(_du, "_run", run)
     assert measure_home(corpus).totals == expected.totals
     assert calls == [True, False]
+
+
+def test_an_unwritable_output_file_is_a_usage_error(corpus: Home, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["--home", str(corpus.path), "du", "--metrics", str(tmp_path / "no" / "such" / "x.prom")],
+    )
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr

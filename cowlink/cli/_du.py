@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .._errors import EXIT_OK, EXIT_PROBLEMS
+from .._errors import EXIT_OK, EXIT_PROBLEMS, UsageError
 from .._home import Home
 from ._output import printable
 
@@ -78,8 +78,11 @@ def du(
         click.echo(as_csv(report), nl=False)
     else:
         click.echo(table(report, exact=exact, last_unify=last_unify), nl=False)
-    if html_file:
-        write_atomically(html_file, as_html(report, last_unify))
-    if metrics_file:
-        write_metrics(home, metrics_file, report=report, last_unify=last_unify)
+    try:
+        if html_file:
+            write_atomically(html_file, as_html(report, last_unify))
+        if metrics_file:
+            write_metrics(home, metrics_file, report=report, last_unify=last_unify)
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or 'output'}: {exc.strerror}") from None
     sys.exit(EXIT_PROBLEMS if report.problems else EXIT_OK)
