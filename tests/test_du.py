@@ -629,4 +629,4 @@ def test_an_unwritable_output_file_is_a_usage_error(corpus: Home, tmp_path: Path
         ["--home", str(corpus.path), "du", "--metrics", str(tmp_path / "no" / "such" / "x.prom")],
     )
     assert result.exit_code == 2
-    assert "cannot write" in result.stderr
+    assert f"cannot write {tmp_path}/no/such/x.prom: No such file" in result.stderr

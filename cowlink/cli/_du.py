@@ -78,11 +78,14 @@ def du(
         click.echo(as_csv(report), nl=False)
     else:
         click.echo(table(report, exact=exact, last_unify=last_unify), nl=False)
+    target = ""
     try:
         if html_file:
+            target = html_file
             write_atomically(html_file, as_html(report, last_unify))
         if metrics_file:
+            target = metrics_file
             write_metrics(home, metrics_file, report=report, last_unify=last_unify)
     except OSError as exc:
-        raise UsageError(f"cannot write {exc.filename or 'output'}: {exc.strerror}") from None
+        raise UsageError(f"cannot write {target}: {exc.strerror}") from None
     sys.exit(EXIT_PROBLEMS if report.problems else EXIT_OK)
