@@ -630,3 +630,20 @@ def test_an_unwritable_output_file_is_a_usage_error(corpus: Home, tmp_path: Path
     )
     assert result.exit_code == 2
     assert f"cannot write {tmp_path}/no/such/x.prom: No such file" in result.stderr
+
+
+def test_depth_two_nests_rows_and_sums_them_up(corpus: Home) -> None:
+    report = measure_home(corpus, depth=2)
+    rows = {(d.guest, d.path): d for d in report.dirs}
+    a = corpus.guest_root("a")
+    lib = rows[("a", "usr/lib")]
+    assert lib.depth == 2
+    assert lib.allocated_bytes == _gnu_du(a / "usr" / "lib")[0]
+    assert lib.shared_bytes == os.lstat(a / "usr" / "lib" / "libcommon.so").st_blocks * BLOCK
+    usr = rows[("a", "usr")]
+    assert usr.allocated_bytes == _gnu_du(a / "usr")[0]
+    assert usr.allocated_bytes == lib.allocated_bytes + os.lstat(a / "usr").st_blocks * BLOCK
+    # Rows come in guest order, each guest's root first, then by path.
+    order = [(d.guest, d.path) for d in report.dirs if d.guest == "a"]
+    assert order[0] == ("a", ".")
+    assert order.index(("a", "usr")) < order.index(("a", "usr/lib"))
