@@ -663,7 +663,8 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
                 n_paths[key] += count
         best = heapq.nlargest(
             top,
-            (k for k, n in n_paths.items() if n > 1 or n < seen[k][0]),
+            # Shared (not all links in one guest) and saving (two paths or more).
+            (k for k, n in n_paths.items() if n > 1 and (n_guests[k] > 1 or n < seen[k][0])),
             key=lambda k: (seen[k][1] * (n_paths[k] - 1), seen[k][1], k),
         )
         for key in best:
