@@ -146,10 +146,14 @@ def main() -> None:
         rss = {name: _peak_rss_kib(cmd) for name, cmd in commands.items()}
 
         t = report.totals
+        du_total = subprocess.run(
+            ["du", "-s", "-x", "--total", "-B1", *roots], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[-1]
+        agree = "agree" if int(du_total.split()[0]) == t.allocated_bytes else "DISAGREE"
         print(f"corpus: {len(roots)} guests, {t.files} files, {t.dirs} dirs, unified by {how}")
         print(
             f"allocated {t.allocated_bytes} B, saved {t.saved_bytes} B ({t.saved_ratio:.1%}),"
-            f" store {t.store_objects} objects"
+            f" store {t.store_objects} objects; totals and `du -sx --total` {agree}"
         )
         base = min(walls["du -s --total (guest roots)"])
         base_cpu = min(cpus["du -s --total (guest roots)"])
