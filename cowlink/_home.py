@@ -120,7 +120,6 @@ class Home:
             try:
                 yield
             finally:
-                with contextlib.suppress(OSError):  # a disk gone read-only; flock still ends
-                    os.ftruncate(fd, 0)
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # closing releases the flock

@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import sqlite3
 import stat
 import time
 from collections import defaultdict
@@ -45,7 +44,6 @@ from ._errors import (
     NotSameFilesystem,
     Problem,
     UsageError,
-    storage_fault,
 )
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
@@ -151,18 +149,7 @@ def run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyRep
         UsageError, NotSameFilesystem, FlagsNotPermitted: nothing was changed.
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run at a safe point.
-        NoSpace, ReadOnly: the filesystem filled up or turned read-only; the run stopped.
     """
-    try:
-        return _run_unify(home, options, reporter)
-    except (OSError, sqlite3.Error) as exc:
-        fault = storage_fault(exc, str(home.path))
-        if fault is None:
-            raise
-        raise fault from exc
-
-
-def _run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyReport:
     started = time.monotonic()
     report: UnifyReport | None = None
     exit_code = EXIT_FATAL
