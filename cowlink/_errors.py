@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 EXIT_OK = 0
@@ -86,3 +89,15 @@ def storage_fault(exc: BaseException, where: str) -> CowlinkError | None:
             return ReadOnly(f"the filesystem of {where} is read-only; stopped, nothing was lost")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+@contextlib.contextmanager
+def storage_faults(where: str) -> Iterator[None]:
+    """Turn a full or read-only filesystem met inside the block into its clear error."""
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        fault = storage_fault(exc, where)
+        if fault is None:
+            raise
+        raise fault from exc

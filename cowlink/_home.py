@@ -120,6 +120,7 @@ class Home:
             try:
                 yield
             finally:
-                os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):  # a disk gone read-only; flock still ends
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # closing releases the flock

@@ -44,6 +44,7 @@ from ._errors import (
     NotSameFilesystem,
     Problem,
     UsageError,
+    storage_faults,
 )
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
@@ -149,6 +150,7 @@ def run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyRep
         UsageError, NotSameFilesystem, FlagsNotPermitted: nothing was changed.
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run at a safe point.
+        NoSpace, ReadOnly: the filesystem filled up or turned read-only; the run stopped.
     """
     started = time.monotonic()
     report: UnifyReport | None = None
@@ -195,7 +197,7 @@ def _run_unify(
     roots = _resolve_roots(home, options)
     _check_same_filesystem(home, roots)
     report = UnifyReport(dry_run=options.dry_run, roots=[r.path for r in roots])
-    with home.lock("unify", wait=options.wait):
+    with storage_faults(str(home.path)), home.lock("unify", wait=options.wait):
         if not options.dry_run:
             home.ensure()
         catalogue = Catalogue.open(home.catalogue_path)
