@@ -47,7 +47,7 @@ from ._errors import (
     Problem,
     ReadOnly,
     UsageError,
-    storage_fault,
+    storage_faults,
 )
 from ._excludes import Rules
 from ._hashing import same_content
@@ -172,13 +172,8 @@ def run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitRep
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run between two files.
     """
-    try:
+    with storage_faults(options.root):
         return _run_split(home, options, reporter)
-    except (OSError, sqlite3.Error) as exc:
-        fault = storage_fault(exc, options.root)
-        if fault is None:
-            raise
-        raise fault from exc
 
 
 def _run_split(home: Home, options: SplitOptions, reporter: Reporter) -> SplitReport:
