@@ -81,8 +81,12 @@ def running(pid: int) -> bool:
 def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False) -> RemoveReport:
     """Delete the tree `root`; for a guest of the home, the whole HOME/guests/NAME/.
 
+    `root` must be a guest of the home or a root whose names the catalogue records (one
+    given to `unify ROOT`), so a slip of the keyboard cannot remove an arbitrary tree.
+
     Raises:
-        UsageError: `root` is not a directory, holds the home, or has a mount inside.
+        UsageError: `root` is not a directory, not a known root, holds the home, or has a
+            mount inside.
         GuestRunning: the guest is running.
         LockHeld: another command holds the home's lock.
     """
@@ -101,6 +105,10 @@ def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False)
         raise UsageError(f"{root}: {mounts[0]} is mounted inside; unmount it first")
     report = RemoveReport(root=real, guest=guest)
     with home.lock("remove", wait=wait):
+        if guest is None and real not in _known_roots(home):
+            raise UsageError(
+                f"{root}: neither a guest of {home.path} nor a root it has unified; not removed"
+            )
         if guest is not None:
             pid = running_pid(home, guest)
             if pid is not None:
@@ -120,6 +128,13 @@ def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False)
                 catalogue.set_meta("dirty", None)
     report.duration_s = time.monotonic() - started
     return report
+
+
+def _known_roots(home: Home) -> set[str]:
+    if not home.catalogue_path.exists():
+        return set()
+    with Catalogue.open(home.catalogue_path) as catalogue:
+        return set(catalogue.roots())
 
 
 class _Remover:

@@ -253,3 +253,22 @@ def test_unify_after_remove_and_gc_still_works(home: Path) -> None:
 
     assert report["objects_created"] == 0
     assert all(same_inode(a / rel, c / rel) for rel in FILES)
+
+
+def test_remove_a_root_outside_the_home_only_when_unified(home: Path, tmp_path: Path) -> None:
+    r1, r2, other = tmp_path / "r1", tmp_path / "r2", tmp_path / "other"
+    for root in (r1, r2, other):
+        for rel, data in FILES.items():
+            write(root / rel, data)
+    assert cowlink(home, "unify", str(r1), str(r2)).exit_code == 0
+
+    refused = cowlink(home, "remove", str(other))
+    removed = cowlink(home, "remove", str(r1))
+
+    assert refused.exit_code == 2
+    assert "neither a guest" in refused.stderr
+    assert (other / "usr/bin/tool").exists()
+    assert removed.exit_code == 0, removed.stderr
+    assert not r1.exists()
+    assert (r2 / "usr/bin/tool").read_bytes() == FILES["usr/bin/tool"]
+    assert immutable(r2 / "usr/bin/tool")

@@ -211,3 +211,44 @@ def test_a_path_that_does_not_exist_is_a_usage_error(home: Path) -> None:
     result = cowlink(home, "split", str(a), "/no/such/path")
     assert result.exit_code == 2
     assert "no such path" in result.stderr
+
+
+def test_make_private_is_the_shared_copy_routine(home: Path) -> None:
+    """What the FUSE layer calls on a guest's first write: one copy per link group."""
+    from cowlink._copy import NameRef, make_private
+    from cowlink._home import Home
+    from cowlink._store import TempNames
+
+    a, b = unified(home)
+    obj = os.lstat(b / "usr/bin/tool")
+    blocks = os.lstat(a / "var-lib/sparse.img").st_blocks
+    temp_names = TempNames(Home(home).secret())
+    bin_fd = os.open(a / "usr/bin", os.O_RDONLY | os.O_DIRECTORY)
+    share_fd = os.open(a / "usr/share", os.O_RDONLY | os.O_DIRECTORY)
+    lib_fd = os.open(a / "var-lib", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        copy = make_private(
+            bin_fd,
+            b"tool",
+            # c2 is another file (another inode): not part of this group, so left alone.
+            others=[NameRef(bin_fd, b"tool-alias"), NameRef(share_fd, b"c2")],
+            temp_names=temp_names,
+            fsync=True,
+        )
+        sparse = make_private(lib_fd, b"sparse.img", temp_names=temp_names)
+    finally:
+        for fd in (bin_fd, share_fd, lib_fd):
+            os.close(fd)
+
+    assert [r.name for r in copy.replaced] == [b"tool", b"tool-alias"]
+    assert [r.name for r in copy.skipped] == [b"c2"]
+    assert same_inode(a / "usr/bin/tool", a / "usr/bin/tool-alias")
+    assert os.lstat(a / "usr/bin/tool").st_ino == copy.st.st_ino != obj.st_ino
+    assert os.lstat(b / "usr/bin/tool").st_nlink == obj.st_nlink - 2
+    assert immutable(b / "usr/bin/tool")
+    assert not immutable(a / "usr/bin/tool")
+    assert (a / "usr/bin/tool").read_bytes() == FILES["usr/bin/tool"]
+    assert sparse.st.st_blocks == blocks
+    with open(a / "usr/bin/tool", "ab") as f:  # the copy is the guest's own to write
+        f.write(b"more")
+    assert (b / "usr/bin/tool").read_bytes() == FILES["usr/bin/tool"]

@@ -23,7 +23,8 @@ def remove(home: Home, root: str, wait: bool, as_json: bool, verbose: int) -> No
 
     Only the guest's own names go: the store and every other guest keep their links, and
     shared inodes stay immutable. For a guest of the home (HOME/guests/NAME/root), the
-    whole HOME/guests/NAME/ goes; a running guest is refused. Exit status: 0 removed,
+    whole HOME/guests/NAME/ goes; a running guest is refused. Any other ROOT must be one
+    that `cowlink unify ROOT` has linked. Exit status: 0 removed,
     1 some names could not be removed (each listed), 2 refused, 75 lock held.
     """
     console = Console(verbose=verbose, quiet=as_json)
