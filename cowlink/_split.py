@@ -285,19 +285,17 @@ class _Split:
             opener = DirOpener(tree, root_fd)
             stack.callback(opener.close)
             stack.callback(self._flush)
-            if not dry:
-                self._remove_leftovers(tree, opener)
             groups = self._groups(tree, paths)
-            if not dry:
-                # A half-split group only needs links to the copy it already has.
-                fresh = [g for g in groups if not g.moved]
-                need = sum(space_needed(self._object_stat(tree, g)) for g in fresh)
-                ensure_space(root_fd, need, len(fresh))
             if dry:
                 for group in groups:
                     self._count(tree, group, self._object_stat(tree, group).st_blocks * 512)
                     self.reporter.action(self._display(tree, group), "would split", "shared")
                 return
+            self._remove_leftovers(tree, opener)
+            # A half-split group only needs links to the copy it already has.
+            fresh = [g for g in groups if not g.moved]
+            need = sum(space_needed(self._object_stat(tree, g)) for g in fresh)
+            ensure_space(root_fd, need, len(fresh))
             start = 0
             while start < len(groups) and not self.stop_signal:
                 end = start + 1
