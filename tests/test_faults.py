@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -106,18 +107,21 @@ def test_kill_9_during_unify_or_split_then_rerun(home: Path, trial: int) -> None
 # -- a full filesystem ---------------------------------------------------------------------
 
 
-def fill(mnt: Path, leave: int = 0) -> Path:
-    """Fill the filesystem (root's reserve included), then free `leave` bytes."""
+def fill(mnt: Path, leave: int = 0, *, inodes: bool = False) -> Path:
+    """Fill the filesystem's blocks (root's reserve included), then free `leave` bytes;
+    with `inodes`, take every free inode too. Returns the directory to delete to undo it.
+    """
     filler = mnt / "filler"
-    with open(filler, "wb") as f:
-        chunk = b"\xff" * (1 << 20)
-        while True:
-            try:
-                f.write(chunk)
-                f.flush()
-            except OSError:
-                break
-        for size in (1 << 16, 4096):
+    filler.mkdir()
+    (filler / "data").touch()
+    if inodes:  # first: a full disk has no block left for the directory's entries
+        try:
+            for i in range(10**6):
+                os.close(os.open(filler / str(i), os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError:
+            pass
+    with open(filler / "data", "r+b") as f:
+        for size in (1 << 20, 1 << 16, 4096):
             try:
                 while True:
                     f.write(b"\xff" * size)
@@ -125,7 +129,7 @@ def fill(mnt: Path, leave: int = 0) -> Path:
             except OSError:
                 pass
     if leave:
-        os.truncate(filler, max(0, os.path.getsize(filler) - leave))
+        os.truncate(filler / "data", max(0, os.path.getsize(filler / "data") - leave))
     return filler
 
 
@@ -178,7 +182,7 @@ def test_split_on_a_full_filesystem_refuses_or_stops_cleanly(
         assert temp_names(root) == []
     assert any(linked_to_store(home, a / f"usr/lib/big{i}") for i in range(6))
 
-    filler.unlink()
+    shutil.rmtree(filler)
     finished = cowlink(home, "split", str(a))
     assert finished.exit_code == 0, finished.stderr
     assert not any(linked_to_store(home, a / f"usr/lib/big{i}") for i in range(6))
@@ -186,28 +190,48 @@ def test_split_on_a_full_filesystem_refuses_or_stops_cleanly(
         assert_same_manifest(before[root], root)
 
 
-def test_unify_on_a_full_filesystem_stops_cleanly(small_fs: Path) -> None:
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_unify_on_a_full_filesystem_stops_cleanly(
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    from cowlink import _hashing
+
     home = small_fs / "home"
+    write(home / "guests/z/root/x", b"z" * 100)
+    assert cowlink(home, "unify").exit_code == 0  # the home, store and catalogue exist
     a, b = big_guests(home)
-    assert cowlink(home, "status").exit_code == 0
     before = {r: manifest(r) for r in (a, b)}
-    filler = fill(small_fs)
+    filled: list[Path] = []
+    if when == "before":
+        filled.append(fill(small_fs))
+    else:
+        # Another writer fills the disk while unify links the fifth file.
+        monkeypatch.setattr(
+            "cowlink._linker.same_content",
+            after_calls(
+                5, _hashing.same_content, lambda: filled.append(fill(small_fs, inodes=True))
+            ),
+        )
 
     result = cowlink(home, "unify")
 
-    assert result.exit_code in (1, 2)
+    assert filled
+    assert result.exit_code in (1, 2), result.stderr
     assert "No space left on device" in result.stderr or "is full" in result.stderr
+    assert "Traceback" not in result.stderr
     for root in (a, b):
-        assert_same_manifest(before[root], root)
-        assert temp_names(root) == []
+        after = {p: v for p, v in manifest(root).items() if b".cowlink-" not in p}
+        assert after == before[root]
 
-    filler.unlink()
+    monkeypatch.undo()
+    shutil.rmtree(filled[0])
     rerun = cowlink(home, "unify", "--json")
     assert rerun.exit_code == 0, rerun.stderr
     assert same_inode(a / "usr/lib/big3", b / "usr/lib/big3")
     for root in (a, b):
         assert_same_manifest(before[root], root)
         assert temp_names(root) == []
+    assert cowlink(home, "verify").exit_code == 0
 
 
 # -- a filesystem that turns read-only mid-run ----------------------------------------------
