@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,11 +116,7 @@ def fill(mnt: Path, leave: int = 0, *, inodes: bool = False) -> Path:
     filler.mkdir()
     (filler / "data").touch()
     if inodes:  # first: a full disk has no block left for the directory's entries
-        try:
-            for i in range(10**6):
-                os.close(os.open(filler / str(i), os.O_CREAT | os.O_WRONLY, 0o600))
-        except OSError:
-            pass
+        take_inodes(filler)
     with open(filler / "data", "r+b") as f:
         for size in (1 << 20, 1 << 16, 4096):
             try:
@@ -131,6 +128,16 @@ def fill(mnt: Path, leave: int = 0, *, inodes: bool = False) -> Path:
     if leave:
         os.truncate(filler / "data", max(0, os.path.getsize(filler / "data") - leave))
     return filler
+
+
+def take_inodes(filler: Path) -> None:
+    """Create empty files until no inode is left."""
+    try:
+        while True:
+            fd, _ = tempfile.mkstemp(dir=filler)
+            os.close(fd)
+    except OSError:
+        pass
 
 
 @pytest.fixture
@@ -205,13 +212,31 @@ def test_unify_on_a_full_filesystem_stops_cleanly(
     if when == "before":
         filled.append(fill(small_fs))
     else:
-        # Another writer fills the disk while unify links the fifth file.
-        monkeypatch.setattr(
-            "cowlink._linker.same_content",
-            after_calls(
-                5, _hashing.same_content, lambda: filled.append(fill(small_fs, inodes=True))
-            ),
-        )
+        # Another writer fills the disk while unify links the fifth file, and takes every
+        # inode that replaced files free afterwards.
+        def fill_up() -> None:
+            if filled:
+                take_inodes(filled[0])
+            elif len(calls) >= 5:
+                filled.append(fill(small_fs, inodes=True))
+
+        calls: list[int] = []
+
+        def comparing(fd_a: int, fd_b: int, size: int) -> bool:
+            calls.append(1)
+            fill_up()
+            return _hashing.same_content(fd_a, fd_b, size)
+
+        from cowlink._linker import Linker
+
+        real_adopt = Linker._adopt
+
+        def adopting(self: Linker, *args: Any) -> Any:
+            fill_up()
+            return real_adopt(self, *args)
+
+        monkeypatch.setattr("cowlink._linker.same_content", comparing)
+        monkeypatch.setattr(Linker, "_adopt", adopting)
 
     result = cowlink(home, "unify")
 
