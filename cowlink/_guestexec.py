@@ -1,0 +1,231 @@
+"""`guest exec` and `guest enter`: run a process inside a running guest's context.
+
+The helper that joins the guest is made non-dumpable and loses its bounding set before
+the first setns, so the guest can neither ptrace it nor reach the host's python through
+/proc/PID/exe (CVE-2016-8649 and relatives). It joins the mount namespace before the pid
+namespace, forks (only the child is in the guest's pid namespace), and locks the child
+down exactly like init: seccomp, then capabilities. `enter` gives the shell a fresh pty
+and relays it; the guest never receives the operator's terminal (TIOCSTI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import signal
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
+
+from . import _context, _linux
+from ._cgroups import GuestCgroups
+from ._errors import GuestNotRunning
+from ._gueststate import GuestState, read_state
+from ._home import Home
+
+# setns order: cgroup first (it changes how cgroup paths look), mnt before pid.
+_NAMESPACES = (
+    ("cgroup", _linux.CLONE_NEWCGROUP),
+    ("ipc", _linux.CLONE_NEWIPC),
+    ("uts", _linux.CLONE_NEWUTS),
+    ("net", _linux.CLONE_NEWNET),
+    ("mnt", _linux.CLONE_NEWNS),
+    ("pid", _linux.CLONE_NEWPID),
+)
+_SHELLS = ("/bin/bash", "/bin/sh")
+
+
+def _running_state(home: Home, name: str) -> GuestState:
+    home.guest_dir(name)
+    state = read_state(home, name)
+    if state is None or not state.init_alive():
+        raise GuestNotRunning(f"guest {name} is not running")
+    return state
+
+
+def _open_namespaces(state: GuestState) -> list[tuple[int, int]]:
+    fds: list[tuple[int, int]] = []
+    try:
+        for kind, flag in _NAMESPACES:
+            fds.append((os.open(f"/proc/{state.init_pid}/ns/{kind}", os.O_RDONLY), flag))
+    except FileNotFoundError:
+        for fd, _ in fds:
+            os.close(fd)
+        raise GuestNotRunning(f"guest {state.name} is not running") from None
+    # Checked after opening: the fds now name init's namespaces even if its pid is reused.
+    if not state.init_alive():
+        for fd, _ in fds:
+            os.close(fd)
+        raise GuestNotRunning(f"guest {state.name} is not running")
+    return fds
+
+
+def _exec_in_guest(argv: list[str], env: dict[str, str]) -> None:
+    os.chdir("/")
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    if not argv:
+        for shell in _SHELLS:
+            if os.access(shell, os.X_OK):
+                argv = [shell, "-l"]
+                break
+        else:
+            raise FileNotFoundError(errno.ENOENT, "no shell in the guest", _SHELLS[-1])
+    os.execvpe(argv[0], argv, env)
+
+
+def _join(state: GuestState, ns_fds: list[tuple[int, int]], keep: frozenset[int]) -> None:
+    """In the helper child: enter the guest's cgroups and namespaces, then lock down."""
+    GuestCgroups(state.cgroups).join()
+    _linux.prctl(_linux.PR_SET_DUMPABLE, 0)
+    _linux.drop_bounding_set(keep)
+    for fd, flag in ns_fds:
+        _linux.setns(fd, flag)
+        os.close(fd)
+    _context.lock_down(keep)
+
+
+def run_in_guest(
+    home: Home,
+    name: str,
+    argv: list[str],
+    *,
+    pty: bool = False,
+    timeout: float | None = None,
+) -> int:
+    """Run `argv` (empty: a login shell) inside the guest; its exit status (128+N if killed).
+
+    With `pty`, the process gets a new pty relayed to our stdin/stdout; otherwise it
+    inherits our stdin, stdout and stderr.
+
+    Raises:
+        GuestNotRunning: the guest is not running.
+    """
+    state = _running_state(home, name)
+    ns_fds = _open_namespaces(state)
+    keep = frozenset(state.keep)
+    env = dict(_context.GUEST_ENV)
+    if "TERM" in os.environ:
+        env["TERM"] = os.environ["TERM"]
+    master = slave = -1
+    if pty:
+        master, slave = os.openpty()
+        _copy_window_size(master)
+    helper = os.fork()
+    if helper == 0:
+        code = 126
+        try:
+            if pty:
+                os.close(master)
+            _join(state, ns_fds, keep)
+            child = os.fork()
+            if child == 0:
+                try:
+                    if pty:
+                        os.setsid()
+                        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+                        for target in (0, 1, 2):
+                            os.dup2(slave, target)
+                    os.closerange(3, 1 << 16)
+                    _exec_in_guest(argv, env)
+                except BaseException as exc:
+                    with contextlib.suppress(OSError):
+                        os.write(2, f"cowlink: {exc}\n".encode(errors="replace"))
+                    os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+            if pty:
+                os.close(slave)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child gets its own
+            _, wstatus = os.waitpid(child, 0)
+            code = _exit_code(wstatus)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"cowlink: cannot enter guest {name}: {exc}\n".encode())
+        finally:
+            os._exit(code)
+    for fd, _ in ns_fds:
+        os.close(fd)
+    if pty:
+        os.close(slave)
+        try:
+            _relay(master)
+        finally:
+            os.close(master)
+    return _wait_helper(helper, timeout)
+
+
+def _exit_code(wstatus: int) -> int:
+    code = os.waitstatus_to_exitcode(wstatus)
+    return code if code >= 0 else 128 - code
+
+
+def _wait_helper(helper: int, timeout: float | None) -> int:
+    if timeout is None:
+        with _ignoring_interrupts():
+            _, wstatus = os.waitpid(helper, 0)
+        return _exit_code(wstatus)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, wstatus = os.waitpid(helper, os.WNOHANG)
+        if pid:
+            return _exit_code(wstatus)
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(helper, signal.SIGKILL)
+            os.waitpid(helper, 0)
+            return 124
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    # Ctrl-C goes to the whole foreground group; the guest's process decides what it means,
+    # we just report its status.
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _copy_window_size(master: int) -> None:
+    with contextlib.suppress(OSError):
+        size = fcntl.ioctl(sys.stdin.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+
+
+def _relay(master: int) -> None:
+    """Copy our stdin to the pty and the pty to our stdout until the guest side hangs up."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    saved = None
+    if os.isatty(stdin):
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    old_winch = signal.signal(signal.SIGWINCH, lambda *_: _copy_window_size(master))
+    try:
+        inputs = [master, stdin]
+        while True:
+            readable, _, _ = select.select(inputs, [], [], 0.5)
+            if master in readable:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    data = b""  # EIO: every slave fd is closed
+                if not data:
+                    return
+                os.write(stdout, data)
+            if stdin in readable:
+                data = os.read(stdin, 65536)
+                if data:
+                    os.write(master, data)
+                else:
+                    inputs.remove(stdin)
+                    os.write(master, b"\x04")  # end of input, as the terminal would say
+    finally:
+        signal.signal(signal.SIGWINCH, old_winch)
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
