@@ -159,6 +159,8 @@ def build_root(spec: ContextSpec) -> None:
     _linux.mount(root, root, None, _linux.MS_BIND | _linux.MS_REC)
 
     for m in spec.config.mounts:
+        if not os.path.exists(m.source):
+            raise FileNotFoundError(f"bind mount source {m.source} does not exist")
         target = _mount_point(root, m.target, directory=os.path.isdir(m.source))
         _bind(m.source, target, readonly=m.readonly, recursive=True)
 
@@ -216,7 +218,9 @@ def lock_down(keep: frozenset[int]) -> None:
 
 
 def _console_stdio() -> None:
-    fd = os.open("/dev/console", os.O_RDWR)  # a session leader's first tty becomes its ctty
+    # Not our controlling tty: the monitor holding the pty's master may die, and the
+    # hangup must not take the guest down with it.
+    fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
     for target in (0, 1, 2):
         os.dup2(fd, target)
     if fd > 2:

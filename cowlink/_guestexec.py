@@ -16,6 +16,9 @@ import fcntl
 import os
 import select
 import signal
+import socket
+import stat
+import struct
 import sys
 import termios
 import time
@@ -38,6 +41,8 @@ _NAMESPACES = (
     ("pid", _linux.CLONE_NEWPID),
 )
 _SHELLS = ("/bin/bash", "/bin/sh")
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441
 
 
 def _running_state(home: Home, name: str) -> GuestState:
@@ -100,7 +105,8 @@ def run_in_guest(
 ) -> int:
     """Run `argv` (empty: a login shell) inside the guest; its exit status (128+N if killed).
 
-    With `pty`, the process gets a new pty relayed to our stdin/stdout; otherwise it
+    With `pty`, the process gets a new pty (of the guest's devpts) relayed to our stdin
+    and stdout; otherwise it
     inherits our stdin, stdout and stderr.
 
     Raises:
@@ -112,21 +118,21 @@ def run_in_guest(
     env = dict(_context.GUEST_ENV)
     if "TERM" in os.environ:
         env["TERM"] = os.environ["TERM"]
-    master = slave = -1
-    if pty:
-        master, slave = os.openpty()
-        _copy_window_size(master)
+    parent_sock, helper_sock = socket.socketpair() if pty else (None, None)
     helper = os.fork()
     if helper == 0:
         code = 126
         try:
-            if pty:
-                os.close(master)
+            slave = -1
             _join(state, ns_fds, keep)
+            if helper_sock is not None:
+                master, slave = _guest_pty()
+                socket.send_fds(helper_sock, [b"m"], [master])
+                os.close(master)
             child = os.fork()
             if child == 0:
                 try:
-                    if pty:
+                    if slave >= 0:
                         os.setsid()
                         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
                         for target in (0, 1, 2):
@@ -137,7 +143,7 @@ def run_in_guest(
                     with contextlib.suppress(OSError):
                         os.write(2, f"cowlink: {exc}\n".encode(errors="replace"))
                     os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
-            if pty:
+            if slave >= 0:
                 os.close(slave)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child gets its own
             _, wstatus = os.waitpid(child, 0)
@@ -149,13 +155,35 @@ def run_in_guest(
             os._exit(code)
     for fd, _ in ns_fds:
         os.close(fd)
-    if pty:
-        os.close(slave)
+    if parent_sock is not None and helper_sock is not None:
+        helper_sock.close()
         try:
-            _relay(master)
+            _, fds, _, _ = socket.recv_fds(parent_sock, 16, 1)
         finally:
-            os.close(master)
+            parent_sock.close()
+        if fds:
+            _copy_window_size(fds[0])
+            try:
+                _relay(fds[0])
+            finally:
+                os.close(fds[0])
     return _wait_helper(helper, timeout)
+
+
+def _guest_pty() -> tuple[int, int]:
+    """A pty pair from the guest's own devpts, so that the guest's ttyname() knows it.
+
+    Opened by path inside the guest's mount namespace, checked to be a ptmx node, and the
+    slave is taken from the master (TIOCGPTPEER) rather than looked up by name.
+    """
+    master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(master)
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (5, 2):
+        os.close(master)
+        raise OSError(errno.EPERM, "the guest's /dev/pts/ptmx is not a pty multiplexer")
+    fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+    slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    return master, slave
 
 
 def _exit_code(wstatus: int) -> int:

@@ -170,14 +170,16 @@ def stop(home: Home, name: str, *, timeout: float | None = None) -> None:
                         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         finally:
             os.close(pidfd)
-    # Init is gone; the monitor kills the rest, frees the lock when all is undone.
-    if state.monitor_alive() and wait_unlocked(home, name, _CLEANUP_TIMEOUT):
-        return
+    # Init is gone; the monitor kills the rest and frees the lock when all is undone.
+    # Without a monitor (or after it failed), we undo what is left ourselves.
+    if state.monitor_alive():
+        wait_unlocked(home, name, _CLEANUP_TIMEOUT)
     lock_fd = try_lock(home, name)
     if lock_fd is None:
         raise GuestRunning(f"guest {name}: its monitor (pid {state.monitor_pid}) is stuck")
     try:
-        cleanup_leftovers(home, name, state)
+        if read_state(home, name) is not None or state_dir(home, name).exists():
+            cleanup_leftovers(home, name, state)
     finally:
         release_lock(home, name, lock_fd)
 

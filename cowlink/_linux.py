@@ -522,7 +522,7 @@ def install_seccomp(program: list[tuple[int, int, int, int]]) -> None:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None when there is no such pid.
+    """Field 22 of /proc/PID/stat (clock ticks since boot); None when no such process runs.
 
     Together with the pid it names one process for good: a reused pid starts later.
     """
@@ -532,7 +532,10 @@ def process_start_time(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm may hold spaces and parentheses; the fields after the last ')' are fixed.
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+    fields = data[data.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None  # a zombie has ended; only its parent has not noticed yet
+    return int(fields[19])
 
 
 def namespace_inode(pid: int, kind: str) -> int | None:

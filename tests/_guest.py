@@ -14,11 +14,61 @@ from tests._util import need, need_root
 
 BUSYBOX = "/bin/busybox"
 APPLETS = (
-    "sh ash ls cat echo sleep mount umount chroot hostname mknod kill ps id true false mkdir "
-    "touch rm sync halt poweroff reboot head grep wc dd yes seq env test readlink uname ip "
-    "ifconfig nc httpd setsid nohup timeout cut tr sed awk stat tail printf pwd ln chmod "
-    "sysctl dmesg nsenter unshare"
-).split()
+    "sh",
+    "ash",
+    "ls",
+    "cat",
+    "echo",
+    "sleep",
+    "mount",
+    "umount",
+    "chroot",
+    "hostname",
+    "mknod",
+    "kill",
+    "ps",
+    "id",
+    "true",
+    "false",
+    "mkdir",
+    "touch",
+    "rm",
+    "sync",
+    "halt",
+    "poweroff",
+    "reboot",
+    "head",
+    "grep",
+    "wc",
+    "dd",
+    "yes",
+    "seq",
+    "env",
+    "test",
+    "readlink",
+    "uname",
+    "ip",
+    "ifconfig",
+    "nc",
+    "httpd",
+    "setsid",
+    "nohup",
+    "timeout",
+    "cut",
+    "tr",
+    "sed",
+    "awk",
+    "stat",
+    "tail",
+    "printf",
+    "pwd",
+    "ln",
+    "chmod",
+    "sysctl",
+    "dmesg",
+    "nsenter",
+    "unshare",
+)
 
 
 def need_guests() -> None:
@@ -71,7 +121,9 @@ def cowlink(
     return result
 
 
-def guest_exec(home: Path, name: str, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def guest_exec(
+    home: Path, name: str, *argv: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return cowlink(home, "guest", "exec", name, "--", *argv, timeout=timeout)
 
 

@@ -1,0 +1,218 @@
+"""`cowlink guest` start/stop/exec/enter/status/list on tiny busybox guests (root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests._guest import cowlink, guest_exec, make_guest, need_guests, running, traces
+
+pytestmark = pytest.mark.privileged
+
+SERVICES = """
+hostname = "box1"
+[init]
+style = "services"
+services = [{ start = "sleep 1000 &", stop = "echo stopping-sleep > /dev/console" }]
+"""
+
+
+@pytest.fixture(autouse=True)
+def _gate() -> None:
+    need_guests()
+
+
+def test_start_exec_status_list_stop(home: Path) -> None:
+    make_guest(home, "ct-life", SERVICES)
+    with running(home, "ct-life"):
+        again = cowlink(home, "guest", "start", "ct-life")
+        assert again.returncode != 0
+        assert "already running" in again.stderr
+
+        result = guest_exec(home, "ct-life", "sh", "-c", "echo $$; hostname; echo err >&2; exit 7")
+        assert result.returncode == 7
+        pid, hostname = result.stdout.split()
+        assert hostname == "box1"
+        assert int(pid) > 1  # a process in the guest's own pid namespace
+        assert result.stderr == "err\n"
+
+        piped = cowlink(home, "guest", "exec", "ct-life", "--", "cat", input="through stdin\n")
+        assert piped.stdout == "through stdin\n"
+
+        ps = guest_exec(home, "ct-life", "sh", "-c", "ls /proc | grep -c '^[0-9]'")
+        assert int(ps.stdout) <= 5  # init, sleep, sh, ls, grep: no host processes
+
+        status = cowlink(home, "guest", "status", "ct-life", "--json")
+        assert status.returncode == 0
+        data = json.loads(status.stdout)
+        assert data["running"] is True
+        assert data["processes"] == 2  # init and the sleep service
+        assert any("sleep 1000" in p["command"] for p in data["process_list"])
+        assert data["memory_bytes"] > 0
+        assert data["monitor_alive"] is True
+
+        listed = json.loads(cowlink(home, "guest", "list", "--json").stdout)
+        assert [(g["name"], g["running"]) for g in listed] == [("ct-life", True)]
+
+        stop = cowlink(home, "guest", "stop", "ct-life")
+        assert stop.returncode == 0, stop.stderr
+    status = cowlink(home, "guest", "status", "ct-life")
+    assert status.returncode == 3
+    assert "stopped" in status.stdout
+    assert traces(home, "ct-life") == []
+    log = (home / "log" / "ct-life.console").read_text()
+    assert "stopping-sleep" in log  # the stop command ran, on the console
+
+
+def test_stop_kills_ignoring_init_and_double_forked_daemons(home: Path) -> None:
+    # A plain init that ignores SIGTERM (pid 1 has no default action) plus a setsid'd
+    # daemon that also ignores it: only the kill after the timeout ends them.
+    make_guest(
+        home,
+        "ct-stub",
+        '[init]\nstyle = "plain"\ncommand = ["/bin/sh", "-c", "trap \'\' TERM; '
+        'setsid sh -c \'trap \\"\\" TERM; sleep 1000\' & exec sleep 1000"]\n'
+        "[stop]\ntimeout = 1\n",
+    )
+    with running(home, "ct-stub"):
+        assert (
+            len(
+                json.loads(cowlink(home, "guest", "status", "ct-stub", "--json").stdout)[
+                    "process_list"
+                ]
+            )
+            >= 2
+        )
+        t0 = time.monotonic()
+        assert cowlink(home, "guest", "stop", "ct-stub").returncode == 0
+        assert 0.9 < time.monotonic() - t0 < 15
+    assert traces(home, "ct-stub") == []
+
+
+def test_sysv_init_runs_rc_scripts(home: Path) -> None:
+    gdir = make_guest(home, "ct-sysv", "")
+    root = gdir / "root"
+    rc = root / "etc" / "rc3.d"
+    rc.mkdir(parents=True)
+    (root / "etc" / "init.d").mkdir()
+    for name in ("alpha", "beta"):
+        script = root / "etc" / "init.d" / name
+        script.write_text(
+            f"#!/bin/sh\necho {name}-$1 >> /var/log/rc.log\n"
+            f'[ "$1" = start ] && (sleep 1000 &)\nexit 0\n'
+        )
+        script.chmod(0o755)
+    (rc / "S01alpha").symlink_to("../init.d/alpha")
+    (rc / "S02beta").symlink_to("../init.d/beta")
+    with running(home, "ct-sysv"):
+        assert (root / "var/log/rc.log").read_text() == "alpha-start\nbeta-start\n"
+        assert cowlink(home, "guest", "stop", "ct-sysv").returncode == 0
+    assert (root / "var/log/rc.log").read_text().splitlines()[2:] == ["beta-stop", "alpha-stop"]
+    assert traces(home, "ct-sysv") == []
+
+
+def test_rescue_ends_with_its_command(home: Path) -> None:
+    make_guest(home, "ct-resc", '[init]\nstyle = "rescue"\ncommand = "echo rescued; sleep 1"\n')
+    with running(home, "ct-resc"):
+        deadline = time.monotonic() + 10
+        while cowlink(home, "guest", "status", "ct-resc").returncode == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert "rescued" in (home / "log" / "ct-resc.console").read_text()
+    assert traces(home, "ct-resc") == []
+
+
+def test_systemd_init_is_refused(home: Path) -> None:
+    gdir = make_guest(home, "ct-sysd", 'init = "plain"\n')
+    (gdir / "root" / "lib" / "systemd").mkdir(parents=True)
+    (gdir / "root" / "lib" / "systemd" / "systemd").write_text("")
+    (gdir / "root" / "sbin" / "init").unlink()
+    (gdir / "root" / "sbin" / "init").symlink_to("/lib/systemd/systemd")
+    result = cowlink(home, "guest", "start", "ct-sysd")
+    assert result.returncode == 2
+    assert "systemd" in result.stderr
+    assert "sysv" in result.stderr
+    assert traces(home, "ct-sysd") == []
+
+
+def test_bad_config_is_refused_before_anything(home: Path) -> None:
+    make_guest(home, "ct-bad", "[limits]\nmemroy_max = 3\n")
+    result = cowlink(home, "guest", "start", "ct-bad")
+    assert result.returncode == 2
+    assert "limits.memroy_max" in result.stderr
+    assert traces(home, "ct-bad") == []
+
+
+def test_failure_mid_start_leaves_nothing(home: Path) -> None:
+    # The bind source does not exist: init fails after cgroups, root mount and the veth
+    # were created; every one of them must be undone.
+    make_guest(
+        home,
+        "ct-fail",
+        '[init]\nstyle = "services"\nservices = [{start = "true"}]\n'
+        '[network]\nmode = "veth"\naddress = "198.51.100.2/30"\n'
+        f'[[mount]]\nsource = "{home}/missing"\ntarget = "/mnt"\n',
+    )
+    result = cowlink(home, "guest", "start", "ct-fail")
+    assert result.returncode == 2
+    assert "failed to start" in result.stderr
+    assert "missing" in result.stderr
+    assert traces(home, "ct-fail") == []
+    assert cowlink(home, "guest", "status", "ct-fail").returncode == 3
+
+
+def test_stale_state_after_monitor_crash_is_cleaned(home: Path) -> None:
+    make_guest(home, "ct-crash", SERVICES)
+    with running(home, "ct-crash"):
+        state = json.loads((home / "run" / "ct-crash" / "state.json").read_text())
+        os.kill(state["monitor_pid"], 9)
+        time.sleep(0.2)
+        status = json.loads(cowlink(home, "guest", "status", "ct-crash", "--json").stdout)
+        assert status["running"] is True
+        assert status["monitor_alive"] is False
+        assert cowlink(home, "guest", "stop", "ct-crash").returncode == 0
+    assert traces(home, "ct-crash") == []
+
+
+def test_enter_uses_a_new_pty(home: Path) -> None:
+    make_guest(home, "ct-tty", SERVICES)
+    with running(home, "ct-tty"):
+        result = cowlink(home, "guest", "enter", "ct-tty", input="tty; exit 5\n", timeout=30)
+        assert result.returncode == 5
+        assert "/dev/pts/0" in result.stdout  # the guest's own devpts, not ours
+
+
+def test_exec_and_status_of_a_stopped_guest(home: Path) -> None:
+    make_guest(home, "ct-off", SERVICES)
+    assert guest_exec(home, "ct-off", "true").returncode == 3
+    assert cowlink(home, "guest", "stop", "ct-off").returncode == 3
+    listed = cowlink(home, "guest", "list")
+    assert "ct-off" in listed.stdout
+    assert "stopped" in listed.stdout
+
+
+def test_restart(home: Path) -> None:
+    make_guest(home, "ct-rest", SERVICES)
+    with running(home, "ct-rest"):
+        before = json.loads(cowlink(home, "guest", "status", "ct-rest", "--json").stdout)
+        assert cowlink(home, "guest", "restart", "ct-rest").returncode == 0
+        after = json.loads(cowlink(home, "guest", "status", "ct-rest", "--json").stdout)
+        assert after["running"] is True
+        assert after["init_pid"] != before["init_pid"]
+
+
+def test_build_from_tree(home: Path, tmp_path: Path) -> None:
+    src = make_guest(tmp_path / "src", "x") / "root"
+    result = cowlink(home, "guest", "build", "ct-built", "--from", str(src))
+    assert result.returncode == 0, result.stderr
+    assert (home / "guests/ct-built/root/bin/busybox").is_file()
+    assert 'hostname = "ct-built"' in (home / "guests/ct-built/guest.toml").read_text()
+    again = cowlink(home, "guest", "build", "ct-built", "--from", str(src))
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    with running(home, "ct-built"):
+        assert guest_exec(home, "ct-built", "hostname").stdout == "ct-built\n"
