@@ -18,12 +18,31 @@ pytestmark = pytest.mark.privileged
 
 PROBE = Path(__file__).with_name("guest_probe.py")
 ATTEMPTS = (
-    "chroot_twice host_marker_visible open_by_handle_at mount_tmpfs remount_proc_sys_rw "
-    "mount_cgroup_release_agent write_proc_sys write_sysrq_trigger write_sysfs init_module "
-    "finit_module keyctl bpf unshare_user mknod_host_disk kill_host_process ptrace_init "
-    "read_init_exe see_host_processes reach_store write_shared_file set_hostname "
-    "tiocsti_console raw_disk_via_sys"
-).split()
+    "chroot_twice",
+    "host_marker_visible",
+    "open_by_handle_at",
+    "mount_tmpfs",
+    "remount_proc_sys_rw",
+    "mount_cgroup_release_agent",
+    "write_proc_sys",
+    "write_sysrq_trigger",
+    "write_sysfs",
+    "init_module",
+    "finit_module",
+    "keyctl",
+    "bpf",
+    "unshare_user",
+    "mknod_host_disk",
+    "kill_host_process",
+    "ptrace_init",
+    "read_init_exe",
+    "see_host_processes",
+    "reach_store",
+    "write_shared_file",
+    "set_hostname",
+    "tiocsti_console",
+    "raw_disk_via_sys",
+)
 
 
 @pytest.fixture(scope="module")
