@@ -42,7 +42,9 @@ def main(ctx: click.Context, home_path: str | None) -> None:
 def _register() -> None:
     # One import per command module; each module defines one click command or group.
     from ._guest import guest
+    from ._unify import unify
 
+    main.add_command(unify)
     main.add_command(guest)
 
 
