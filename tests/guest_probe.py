@@ -12,27 +12,29 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
+from typing import Any
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-args = json.loads(sys.argv[1])
-results = {}
+args: dict[str, Any] = json.loads(sys.argv[1])
+results: dict[str, str] = {}
 
 
-def attempt(name):
-    def wrap(fn):
+def attempt(name: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    def wrap(fn: Callable[[], str]) -> Callable[[], str]:
         try:
             detail = fn()
             results[name] = f"ESCAPED: {detail}" if detail else "blocked"
         except OSError as exc:
-            results[name] = f"blocked: {errno.errorcode.get(exc.errno, exc.errno)}"
+            results[name] = f"blocked: {errno.errorcode.get(exc.errno or 0, exc.errno)}"
         return fn
 
     return wrap
 
 
-def syscall(nr, *a):
-    result = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(x) for x in a])
+def syscall(nr: int, *a: int) -> int:
+    result: int = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(x) for x in a])
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -40,7 +42,7 @@ def syscall(nr, *a):
 
 
 @attempt("chroot_twice")
-def _():
+def _() -> str:
     pid = os.fork()
     if pid == 0:
         try:
@@ -57,12 +59,12 @@ def _():
 
 
 @attempt("host_marker_visible")
-def _():
+def _() -> str:
     return "host path visible" if os.path.exists(args["host_marker"]) else ""
 
 
 @attempt("open_by_handle_at")
-def _():
+def _() -> str:
     # struct file_handle { u32 handle_bytes; int handle_type; u8 f_handle[8] }: ext4 inode 2.
     handle = (ctypes.c_char * 16).from_buffer_copy(
         (8).to_bytes(4, "little") + (1).to_bytes(4, "little") + (2).to_bytes(4, "little") + bytes(4)
@@ -73,21 +75,21 @@ def _():
 
 
 @attempt("mount_tmpfs")
-def _():
+def _() -> str:
     if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) < 0:
         raise OSError(ctypes.get_errno(), "mount")
     return "mounted tmpfs"
 
 
 @attempt("remount_proc_sys_rw")
-def _():
+def _() -> str:
     if libc.mount(None, b"/proc/sys", None, 32 | 4096, None) < 0:  # MS_REMOUNT|MS_BIND
         raise OSError(ctypes.get_errno(), "mount")
     return "remounted /proc/sys"
 
 
 @attempt("mount_cgroup_release_agent")
-def _():
+def _() -> str:
     os.makedirs("/tmp/cg", exist_ok=True)
     if libc.mount(b"cgroup", b"/tmp/cg", b"cgroup", 0, b"memory") < 0:
         raise OSError(ctypes.get_errno(), "mount")
@@ -95,59 +97,59 @@ def _():
 
 
 @attempt("write_proc_sys")
-def _():
+def _() -> str:
     with open("/proc/sys/kernel/hostname", "w") as f:
         f.write("pwned")
     return "wrote /proc/sys/kernel/hostname"
 
 
 @attempt("write_sysrq_trigger")
-def _():
+def _() -> str:
     with open("/proc/sysrq-trigger", "w") as f:
         f.write("h")  # 'h' only prints help: harmless even if this ever succeeded
     return "wrote /proc/sysrq-trigger"
 
 
 @attempt("write_sysfs")
-def _():
+def _() -> str:
     with open("/sys/kernel/uevent_helper", "w") as f:
         f.write("/pwn")
     return "wrote /sys"
 
 
 @attempt("init_module")
-def _():
+def _() -> str:
     syscall(175, 0, 0, 0)
     return "init_module accepted"
 
 
 @attempt("finit_module")
-def _():
+def _() -> str:
     fd = os.open("/dev/null", os.O_RDONLY)
     syscall(313, fd, 0, 0)
     return "finit_module accepted"
 
 
 @attempt("keyctl")
-def _():
+def _() -> str:
     syscall(250, 0, 0, 0, 0, 0)  # KEYCTL_GET_KEYRING_ID
     return "keyctl works"
 
 
 @attempt("bpf")
-def _():
+def _() -> str:
     syscall(321, 0, 0, 0)
     return "bpf works"
 
 
 @attempt("unshare_user")
-def _():
+def _() -> str:
     syscall(272, 0x10000000)
     return "got a user namespace"
 
 
 @attempt("mknod_host_disk")
-def _():
+def _() -> str:
     path = "/tmp/disk"
     os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(args["disk_major"], args["disk_minor"]))
     fd = os.open(path, os.O_RDONLY)
@@ -155,25 +157,25 @@ def _():
 
 
 @attempt("kill_host_process")
-def _():
+def _() -> str:
     os.kill(args["host_pid"], 9)
     return "signalled the host pid"
 
 
 @attempt("ptrace_init")
-def _():
+def _() -> str:
     syscall(101, 16, 1, 0, 0)  # PTRACE_ATTACH to pid 1 (cowlink's init)
     return "attached to pid 1"
 
 
 @attempt("read_init_exe")
-def _():
+def _() -> str:
     os.open("/proc/1/exe", os.O_RDONLY)
     return "opened /proc/1/exe (the host's binary)"
 
 
 @attempt("see_host_processes")
-def _():
+def _() -> str:
     seen = []
     for pid in os.listdir("/proc"):
         if pid.isdigit() and int(pid) != os.getpid():  # our own argv carries the tag
@@ -187,7 +189,7 @@ def _():
 
 
 @attempt("reach_store")
-def _():
+def _() -> str:
     for path in (args["store"], args["store_marker"]):
         if os.path.exists(path):
             return f"{path} exists"
@@ -199,7 +201,7 @@ def _():
 
 
 @attempt("write_shared_file")
-def _():
+def _() -> str:
     try:
         with open("/etc/shared", "a") as f:
             f.write("from A\n")
@@ -214,20 +216,20 @@ def _():
 
 
 @attempt("set_hostname")
-def _():
+def _() -> str:
     socket.sethostname("pwned")
     return "changed the hostname"
 
 
 @attempt("tiocsti_console")
-def _():
+def _() -> str:
     fd = os.open("/dev/console", os.O_RDWR | os.O_NOCTTY)
     fcntl.ioctl(fd, 0x5412, b"x")
     return "TIOCSTI on the console"
 
 
 @attempt("raw_disk_via_sys")
-def _():
+def _() -> str:
     for dev in os.listdir("/sys/class/block"):
         with open(f"/sys/class/block/{dev}/dev") as f:
             major, minor = f.read().strip().split(":")
