@@ -216,3 +216,44 @@ def test_build_from_tree(home: Path, tmp_path: Path) -> None:
     assert "already exists" in again.stderr
     with running(home, "ct-built"):
         assert guest_exec(home, "ct-built", "hostname").stdout == "ct-built\n"
+
+
+def test_start_that_hangs_is_undone_after_the_timeout(home: Path) -> None:
+    make_guest(
+        home,
+        "ct-hang",
+        '[init]\nstyle = "services"\nservices = [{start = "sleep 1000"}]\n'
+        '[network]\nmode = "none"\n',
+    )
+    t0 = time.monotonic()
+    result = cowlink(home, "guest", "start", "ct-hang", "--timeout", "1")
+    assert result.returncode == 2
+    assert "not up after 1 s" in result.stderr
+    assert time.monotonic() - t0 < 20
+    assert traces(home, "ct-hang") == []
+
+
+def test_console_log_is_capped(tmp_path: Path) -> None:
+    from cowlink._monitor import ConsoleLog
+
+    log = ConsoleLog(tmp_path / "g.console", cap=1000)
+    for i in range(50):
+        log.write(f"line {i:04d} ".encode() * 10)
+    log.close()
+    assert (tmp_path / "g.console").stat().st_size <= 1000
+    assert (tmp_path / "g.console.1").stat().st_size <= 1000
+    assert (tmp_path / "g.console").read_bytes().endswith(b"line 0049 ")
+
+
+def test_console_log_captures_init_output(home: Path) -> None:
+    make_guest(
+        home,
+        "ct-cons",
+        '[init]\nstyle = "services"\nservices = [{start = "echo hello-console; sleep 1000 &"}]\n',
+    )
+    with running(home, "ct-cons"):
+        log = home / "log" / "ct-cons.console"
+        deadline = time.monotonic() + 5
+        while "hello-console" not in log.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
-from .. import _guestbuild, _guests
 from .._errors import EXIT_NOT_RUNNING, UsageError
-from .._guestexec import run_in_guest
 from .._home import Home
+
+# The library modules are imported inside each command: a guest start is timed against
+# bwrap, and python's imports are most of what a command costs.
+_START_TIMEOUT = 60.0
 
 
 @click.group("guest")
@@ -42,6 +44,8 @@ def build(
     source: Path | None,
 ) -> None:
     """Create guests/NAME/root and a guest.toml with defaults."""
+    from .. import _guestbuild
+
     if (suite is None) == (source is None):
         raise UsageError("give exactly one of --debootstrap SUITE and --from DIR")
     if source is not None:
@@ -61,13 +65,15 @@ def build(
 @click.option(
     "--timeout",
     type=float,
-    default=_guests.DEFAULT_START_TIMEOUT,
+    default=_START_TIMEOUT,
     show_default=True,
     help="Seconds to wait for the guest to come up.",
 )
 @click.pass_obj
 def start(home: Home, name: str, timeout: float) -> None:
     """Boot a guest; returns once its init reports it is up."""
+    from .. import _guests
+
     state = _guests.start(home, name, timeout=timeout)
     click.echo(f"started {name} (init pid {state.init_pid})")
 
@@ -78,6 +84,8 @@ def start(home: Home, name: str, timeout: float) -> None:
 @click.pass_obj
 def stop(home: Home, name: str, timeout: float | None) -> None:
     """Halt a guest, kill what remains, and undo every trace of it."""
+    from .. import _guests
+
     _guests.stop(home, name, timeout=timeout)
     click.echo(f"stopped {name}")
 
@@ -88,6 +96,8 @@ def stop(home: Home, name: str, timeout: float | None) -> None:
 @click.pass_obj
 def restart(home: Home, name: str, timeout: float | None) -> None:
     """Stop (if running), then start a guest."""
+    from .. import _guests
+
     state = _guests.restart(home, name, timeout=timeout)
     click.echo(f"restarted {name} (init pid {state.init_pid})")
 
@@ -97,6 +107,8 @@ def restart(home: Home, name: str, timeout: float | None) -> None:
 @click.pass_context
 def enter(ctx: click.Context, name: str) -> None:
     """Open a login shell inside a guest on a new pty."""
+    from .._guestexec import run_in_guest
+
     ctx.exit(run_in_guest(ctx.obj, name, [], pty=True))
 
 
@@ -106,6 +118,8 @@ def enter(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def exec_(ctx: click.Context, name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside a guest; its exit status and stdio pass through."""
+    from .._guestexec import run_in_guest
+
     ctx.exit(run_in_guest(ctx.obj, name, list(command)))
 
 
@@ -133,6 +147,8 @@ def _duration(seconds: float | None) -> str:
 @click.pass_obj
 def status(home: Home, name: str, as_json: bool) -> None:
     """Show whether a guest runs, its processes, memory, CPU time and uptime (exit 3: stopped)."""
+    from .. import _guests
+
     st = _guests.status(home, name)
     if as_json:
         data = st.as_dict()
@@ -157,6 +173,8 @@ def status(home: Home, name: str, as_json: bool) -> None:
 @click.pass_obj
 def list_(home: Home, as_json: bool) -> None:
     """List guests with their state."""
+    from .. import _guests
+
     guests = _guests.list_guests(home)
     if as_json:
         click.echo(json.dumps([g.as_dict() for g in guests], indent=1))
