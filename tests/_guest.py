@@ -7,8 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests._util import need, need_root
 
@@ -166,3 +169,35 @@ def traces(home: Path, name: str) -> list[str]:
                 if str(env).startswith(str(home)):
                     found.append(f"process {pid} rooted in {env}")
     return found
+
+
+@pytest.fixture
+def netns() -> Iterator[int]:
+    need_guests()
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    try:
+        deadline = time.monotonic() + 5
+        while (
+            Path(f"/proc/{holder.pid}/ns/net").stat().st_ino
+            == Path("/proc/self/ns/net").stat().st_ino
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def in_ns(pid: int, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cowlink_ns(pid: int, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return in_ns(pid, sys.executable, "-m", "cowlink", "--home", str(home), *args)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._guest import cowlink, make_guest, need_guests, running
+from tests._guest import cowlink, cowlink_ns, in_ns, make_guest, need_guests, netns, running
 
 pytestmark = pytest.mark.privileged
+__all__ = ["netns"]  # the fixture, used by name
 
 HTTPD = """
 [init]
@@ -27,38 +26,6 @@ mode = "veth"
 address = "192.0.2.2/24"
 host_address = "192.0.2.1/24"
 """
-
-
-@pytest.fixture
-def netns() -> Iterator[int]:
-    need_guests()
-    holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
-    try:
-        deadline = time.monotonic() + 5
-        while (
-            Path(f"/proc/{holder.pid}/ns/net").stat().st_ino
-            == Path("/proc/self/ns/net").stat().st_ino
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        yield holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def in_ns(pid: int, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["nsenter", f"--net=/proc/{pid}/ns/net", *argv],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def cowlink_ns(pid: int, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return in_ns(pid, sys.executable, "-m", "cowlink", "--home", str(home), *args)
 
 
 FETCH = """
