@@ -1,7 +1,9 @@
 """Guest start and stop: `cowlink guest` against bwrap and unshare on the same busybox tree.
 
 start = from launching until a command inside the guest has run; stop = from asking the
-guest to end until every one of its processes is gone. Each tool runs the same tree in
+guest to end until every one of its processes is gone. "cowlink" runs the command line
+(a fresh python each time); "cowlink-lib" calls the library, which isolates the
+launcher's own cost from the interpreter's start-up. Each tool runs the same tree in
 new pid, mount, uts, ipc and cgroup namespaces. Prints medians, ratios and peak RSS.
 
     python -m bench.bench_guest [--runs N]
@@ -10,6 +12,7 @@ new pid, mount, uts, ipc and cgroup namespaces. Prints medians, ratios and peak 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -103,12 +106,35 @@ def run_cowlink(home: Path) -> tuple[float, float, int]:
     return started, stopped, peak
 
 
+def run_cowlink_library(home: Path) -> tuple[float, float, int]:
+    """The same through the library, without the command line's interpreter start-up."""
+    from cowlink import _guests
+    from cowlink._home import Home
+
+    h = Home(home)
+    t0 = time.perf_counter()
+    state = _guests.start(h, "bench")
+    started = time.perf_counter() - t0
+    peak = _peak_kib(state.monitor_pid) + _peak_kib(state.init_pid)
+    t1 = time.perf_counter()
+    _guests.stop(h, "bench")
+    return started, time.perf_counter() - t1, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_guest needs root")
+    # An installed package ships byte code; a checkout run with PYTHONDONTWRITEBYTECODE
+    # would otherwise compile every module on every command and time that instead.
+    import click
+
+    import cowlink
+
+    for package in (cowlink, click):
+        compileall.compile_dir(os.path.dirname(package.__file__ or ""), quiet=1)
     with tempfile.TemporaryDirectory(prefix="cowlink-bench-") as tmp:
         home = Path(tmp) / "home"
         root = home / "guests" / "bench" / "root"
@@ -119,6 +145,7 @@ def main() -> None:
         )
         tools: dict[str, Callable[[], tuple[float, float, int]]] = {
             "cowlink": lambda: run_cowlink(home),
+            "cowlink-lib": lambda: run_cowlink_library(home),
             "bwrap": lambda: run_native(
                 [
                     "bwrap",
@@ -165,13 +192,13 @@ def main() -> None:
         for name, runs in results.items()
     }
     print(f"runs: {args.runs} each, medians")
-    print(f"{'tool':<8} {'start ms':>9} {'stop ms':>9} {'peak RSS MiB':>13}")
+    print(f"{'tool':<12} {'start ms':>9} {'stop ms':>9} {'peak RSS MiB':>13}")
     for name, (start, stop, peak) in med.items():
-        print(f"{name:<8} {start * 1000:>9.1f} {stop * 1000:>9.1f} {peak / 1024:>13.1f}")
-    cow = med["cowlink"]
-    for other in ("bwrap", "unshare"):
-        o = med[other]
-        print(f"cowlink/{other}: start x{cow[0] / o[0]:.1f}, stop x{cow[1] / o[1]:.1f}")
+        print(f"{name:<12} {start * 1000:>9.1f} {stop * 1000:>9.1f} {peak / 1024:>13.1f}")
+    for mine in ("cowlink", "cowlink-lib"):
+        for other in ("bwrap", "unshare"):
+            c, o = med[mine], med[other]
+            print(f"{mine}/{other}: start x{c[0] / o[0]:.1f}, stop x{c[1] / o[1]:.1f}")
 
 
 if __name__ == "__main__":
