@@ -154,6 +154,10 @@ def stop(home: Home, name: str, *, timeout: float | None = None) -> None:
         pidfd = None
     if pidfd is not None:
         try:
+            # The halt signal may make the guest's own init call reboot(2); the marker
+            # tells the monitor that this end is a stop, not a reboot.
+            with contextlib.suppress(OSError):
+                (state_dir(home, name) / _monitor.STOPPING).touch()
             if not state.init_alive():  # the pid was reused between the check and the open
                 raise GuestNotRunning(f"guest {name} is not running")
             if config.stop.command:

@@ -85,7 +85,7 @@ def remove_state_dir(home: Home, name: str) -> None:
     """Remove the state directory file by file; never recursively, as the guest's root may
     still be mounted inside it (an rmdir of a mount point fails instead of emptying it)."""
     d = state_dir(home, name)
-    for leaf in ("state.json", "state.tmp"):
+    for leaf in ("state.json", "state.tmp", "stopping"):
         with contextlib.suppress(FileNotFoundError):
             (d / leaf).unlink()
     for sub in (d / "root", d):

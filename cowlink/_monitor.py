@@ -27,6 +27,7 @@ from ._gueststate import GuestState, release_lock, remove_state_dir, state_dir, 
 from ._home import Home
 
 CONSOLE_LOG_CAP = 1 << 20  # bytes per file; one older file is kept beside it
+STOPPING = "stopping"  # in the state dir: `guest stop` is ending the guest, so no reboot
 
 
 class ConsoleLog:
@@ -101,8 +102,13 @@ class _Monitor:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.init_pid, 0)
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """One boot of the guest, from set-up to clean-up. True when it asked to reboot:
+        its init was killed by SIGHUP, which is what reboot(2) does in a pid namespace,
+        and no `guest stop` is under way."""
         home, name, config = self.home, self.name, self.config
+        self.pidfd = None
+        reboot = False
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_term)
         _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
@@ -197,6 +203,12 @@ class _Monitor:
             status = self.serve(master, ready_r)
             if status is not None:
                 self.note(f"init ended: {_describe(status)}")
+                reboot = (
+                    os.WIFSIGNALED(status)
+                    and os.WTERMSIG(status) == signal.SIGHUP
+                    and not (sdir / STOPPING).exists()
+                )
+        return reboot
 
     def serve(self, master: int, ready_r: int) -> int | None:
         """Copy the console until init ends; settle readiness on the way. Init's wait status."""
@@ -294,7 +306,16 @@ def _monitor_main(
         os.closerange(3, min(lock_fd, status_w))
         os.closerange(min(lock_fd, status_w) + 1, max(lock_fd, status_w))
         os.closerange(max(lock_fd, status_w) + 1, 1 << 16)
-        monitor.run()
+        quick_reboots = 0
+        while True:
+            began = time.monotonic()
+            if not monitor.run():
+                break
+            # A guest that reboots right after every boot would spin; give up on it.
+            quick_reboots = quick_reboots + 1 if time.monotonic() - began < 5 else 0
+            if quick_reboots >= 3:
+                monitor.note("rebooting too often; leaving it stopped")
+                break
     except BaseException as exc:
         code = 1
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SystemExit) else "stopped"

@@ -257,3 +257,41 @@ def test_console_log_captures_init_output(home: Path) -> None:
         while "hello-console" not in log.read_text():
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def _init_pid(home: Path, name: str) -> int | None:
+    data = json.loads(cowlink(home, "guest", "status", name, "--json").stdout)
+    pid = data["init_pid"]
+    assert pid is None or isinstance(pid, int)
+    return pid
+
+
+def test_reboot_inside_restarts_the_guest(home: Path) -> None:
+    make_guest(home, "ct-boot", SERVICES)
+    with running(home, "ct-boot"):
+        first = _init_pid(home, "ct-boot")
+        guest_exec(home, "ct-boot", "reboot", "-f")  # reboot(2): SIGHUP to the guest's init
+        deadline = time.monotonic() + 15
+        while _init_pid(home, "ct-boot") in (first, None):
+            assert time.monotonic() < deadline, "the guest did not come back"
+            time.sleep(0.1)
+        assert guest_exec(home, "ct-boot", "true").returncode == 0
+        assert cowlink(home, "guest", "stop", "ct-boot").returncode == 0
+        time.sleep(0.3)
+        assert _init_pid(home, "ct-boot") is None
+    assert traces(home, "ct-boot") == []
+
+
+def test_busybox_init_as_plain_init_stops_for_good(home: Path) -> None:
+    # busybox init answers SIGTERM by rebooting; `guest stop` must still end the guest.
+    gdir = make_guest(home, "ct-bbinit", 'init = "plain"\n[stop]\ntimeout = 3\n')
+    (gdir / "root" / "etc" / "inittab").write_text(
+        "::sysinit:/bin/echo booted-by-busybox\n::respawn:/bin/sleep 1000\n"
+    )
+    with running(home, "ct-bbinit"):
+        assert _init_pid(home, "ct-bbinit") is not None
+        assert cowlink(home, "guest", "stop", "ct-bbinit").returncode == 0
+        time.sleep(0.3)
+        assert _init_pid(home, "ct-bbinit") is None
+    assert traces(home, "ct-bbinit") == []
+    assert "booted-by-busybox" in (home / "log" / "ct-bbinit.console").read_text()
