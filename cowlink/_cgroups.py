@@ -2,8 +2,9 @@
 
 cgroup v2 is used when the host mounts a full unified hierarchy at /sys/fs/cgroup; else
 the v1 controllers cpu, cpuacct, memory, pids, freezer and devices, each where it is
-mounted. A guest's groups sit below the creating process's own group, in
-`<own>/cowlink/NAME`, so a launcher confined to a subtree stays inside it. The paths are
+mounted. With v1, a guest's groups sit below the creating process's own group, in
+`<own>/cowlink/NAME`, so a launcher confined to a subtree stays inside it; v2 puts them
+at `/sys/fs/cgroup/cowlink/NAME` (see `create`; untested here: these machines run v1). The paths are
 recorded in the guest's state, and every later command works from that record.
 """
 
@@ -106,9 +107,10 @@ class GuestCgroups:
         """
         paths: dict[str, str] = {}
         if unified_only():
-            own = _read("/proc/self/cgroup").strip().split("::", 1)[-1]
-            base = os.path.join(_CGROUP_ROOT, own.lstrip("/"), "cowlink")
-            paths["unified"] = os.path.join(base, name)
+            # v2 forbids processes in a group whose controllers are delegated to children
+            # ("no internal processes"), and our own group has processes; the root group
+            # is exempt, so guests live at the top: /sys/fs/cgroup/cowlink/NAME.
+            paths["unified"] = os.path.join(_CGROUP_ROOT, "cowlink", name)
         else:
             own_paths = _own_v1_paths()
             for ctl, mp in _v1_mounts().items():

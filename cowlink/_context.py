@@ -47,6 +47,7 @@ BASE_CAPABILITIES = frozenset(
     }
 )
 
+INIT_NAME = "cowlink-init"  # comm of cowlink's own pid 1, as `guest status` shows it
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 _PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 
@@ -247,6 +248,7 @@ def run_init(spec: ContextSpec) -> None:
             # Our init is the host's python: a guest that could ptrace it or open
             # /proc/1/exe would reach a host binary (CVE-2019-5736).
             _linux.prctl(_linux.PR_SET_DUMPABLE, 0)
+            _linux.set_process_name(INIT_NAME)
         lock_down(spec.keep)
         os.closerange(3, spec.ready_fd)
         os.closerange(spec.ready_fd + 1, 1 << 16)

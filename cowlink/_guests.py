@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import _guestconf, _guestnet, _linux, _monitor
 from ._cgroups import GuestCgroups
-from ._context import resolve_in_root
+from ._context import INIT_NAME, resolve_in_root
 from ._errors import GuestNotRunning, GuestRunning, GuestStartFailed, UsageError
 from ._guestconf import GuestConfig
 from ._guestexec import run_in_guest
@@ -224,6 +224,9 @@ class GuestStatus:
 
 def _comm(pid: int) -> str:
     try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == INIT_NAME:
+                return INIT_NAME  # its command line is the host's python starting it
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         text = b" ".join(a for a in argv if a).decode(errors="replace")

@@ -543,3 +543,12 @@ def namespace_inode(pid: int, kind: str) -> int | None:
         return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """Set this thread's comm (what ps shows; at most 15 bytes)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), "prctl(PR_SET_NAME)")
