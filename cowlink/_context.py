@@ -251,7 +251,7 @@ def run_init(spec: ContextSpec) -> None:
             _linux.set_process_name(INIT_NAME)
         lock_down(spec.keep)
         os.closerange(3, spec.ready_fd)
-        os.closerange(spec.ready_fd + 1, 1 << 16)
+        os.closerange(spec.ready_fd + 1, _linux.MAX_FD)
         os.chdir("/")
         os.umask(0o022)
         if spec.config.init.style == "plain":

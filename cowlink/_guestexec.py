@@ -137,7 +137,7 @@ def run_in_guest(
                         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
                         for target in (0, 1, 2):
                             os.dup2(slave, target)
-                    os.closerange(3, 1 << 16)
+                    os.closerange(3, _linux.MAX_FD)
                     _exec_in_guest(argv, env)
                 except BaseException as exc:
                     with contextlib.suppress(OSError):

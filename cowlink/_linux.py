@@ -552,3 +552,7 @@ def set_process_name(name: str) -> None:
     """Set this thread's comm (what ps shows; at most 15 bytes)."""
     buf = ctypes.create_string_buffer(name.encode()[:15])
     _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0), "prctl(PR_SET_NAME)")
+
+
+#: Upper bound for closerange(): every fd a process can have open.
+MAX_FD = max(os.sysconf("SC_OPEN_MAX"), 1024)

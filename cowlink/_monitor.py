@@ -109,6 +109,7 @@ class _Monitor:
         home, name, config = self.home, self.name, self.config
         self.pidfd = None
         reboot = False
+        _linux.set_process_name(f"cowlink-mon {name}")
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_term)
         _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
@@ -305,7 +306,7 @@ def _monitor_main(
         os.close(devnull)
         os.closerange(3, min(lock_fd, status_w))
         os.closerange(min(lock_fd, status_w) + 1, max(lock_fd, status_w))
-        os.closerange(max(lock_fd, status_w) + 1, 1 << 16)
+        os.closerange(max(lock_fd, status_w) + 1, _linux.MAX_FD)
         quick_reboots = 0
         while True:
             began = time.monotonic()

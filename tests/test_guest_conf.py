@@ -229,3 +229,24 @@ def test_process_identity_of_self() -> None:
     assert _linux.process_start_time(os.getpid()) is not None
     assert _linux.process_start_time(2**22 + 12345) is None
     assert _linux.namespace_inode(os.getpid(), "pid") is not None
+
+
+def test_state_identity_survives_pid_reuse() -> None:
+    import os
+
+    from cowlink._gueststate import GuestState
+
+    me = os.getpid()
+    start = _linux.process_start_time(me)
+    assert start is not None
+    ns = _linux.namespace_inode(me, "pid")
+    assert ns is not None
+    alive = GuestState("g", me, start, init_pid=me, init_start=start, pidns=ns)
+    assert alive.init_alive()
+    assert alive.monitor_alive()
+    # Same pid, but a process that started at another time: a reused pid, not our guest.
+    assert not GuestState(
+        "g", me, start + 1, init_pid=me, init_start=start + 1, pidns=ns
+    ).init_alive()
+    assert not GuestState("g", me, start, init_pid=me, init_start=start, pidns=ns + 1).init_alive()
+    assert not GuestState("g", me, start + 1).monitor_alive()

@@ -295,3 +295,11 @@ def test_busybox_init_as_plain_init_stops_for_good(home: Path) -> None:
         assert _init_pid(home, "ct-bbinit") is None
     assert traces(home, "ct-bbinit") == []
     assert "booted-by-busybox" in (home / "log" / "ct-bbinit.console").read_text()
+
+
+def test_missing_init_fails_cleanly(home: Path) -> None:
+    make_guest(home, "ct-noinit", '[init]\nstyle = "plain"\ncommand = ["/sbin/nothing-here"]\n')
+    result = cowlink(home, "guest", "start", "ct-noinit")
+    assert result.returncode == 2
+    assert "/sbin/nothing-here" in result.stderr
+    assert traces(home, "ct-noinit") == []
