@@ -99,6 +99,11 @@ def start(home: Home, name: str, *, timeout: float = DEFAULT_START_TIMEOUT) -> G
         raise GuestRunning(f"guest {name} is already running")
     try:
         stale = read_state(home, name)
+        if stale is not None and stale.init_alive():
+            raise GuestRunning(
+                f"guest {name} is running without its monitor (init pid {stale.init_pid}); "
+                "`cowlink guest stop` it first"
+            )
         if stale is not None or state_dir(home, name).exists():
             cleanup_leftovers(home, name, stale)
         monitor, status_fd = _monitor.spawn(home, name, config, lock_fd)

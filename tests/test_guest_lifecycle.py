@@ -174,6 +174,9 @@ def test_stale_state_after_monitor_crash_is_cleaned(home: Path) -> None:
         status = json.loads(cowlink(home, "guest", "status", "ct-crash", "--json").stdout)
         assert status["running"] is True
         assert status["monitor_alive"] is False
+        again = cowlink(home, "guest", "start", "ct-crash")
+        assert again.returncode == 2
+        assert "without its monitor" in again.stderr
         assert cowlink(home, "guest", "stop", "ct-crash").returncode == 0
     assert traces(home, "ct-crash") == []
 
