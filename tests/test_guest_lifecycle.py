@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from tests._guest import cowlink, guest_exec, make_guest, need_guests, running, traces
+from tests._util import need
 
 pytestmark = pytest.mark.privileged
 
@@ -306,3 +308,25 @@ def test_missing_init_fails_cleanly(home: Path) -> None:
     assert result.returncode == 2
     assert "/sbin/nothing-here" in result.stderr
     assert traces(home, "ct-noinit") == []
+
+
+def test_build_arguments_and_failed_debootstrap(home: Path) -> None:
+    both = cowlink(home, "guest", "build", "ct-db", "--debootstrap", "bookworm", "--from", "/")
+    assert both.returncode == 2
+    assert "exactly one" in both.stderr
+    need(shutil.which("debootstrap") is not None, "needs debootstrap")
+    failed = cowlink(
+        home,
+        "guest",
+        "build",
+        "ct-db",
+        "--debootstrap",
+        "bookworm",
+        "--mirror",
+        f"file://{home}/no-mirror",
+        "--variant",
+        "minbase",
+    )
+    assert failed.returncode == 2
+    assert "debootstrap" in failed.stderr
+    assert not (home / "guests" / "ct-db").exists()
