@@ -74,6 +74,15 @@ APPLETS = (
 )
 
 
+# Guest names are host-wide (cgroups, veth names): a per-run suffix keeps two test runs
+# on one machine (two worktrees, say) apart.
+_RUN = os.getpid() % 1000
+
+
+def gname(base: str) -> str:
+    return f"{base}-{_RUN}"
+
+
 def need_guests() -> None:
     need_root()
     need(os.path.exists(BUSYBOX), "needs busybox-static (/bin/busybox)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._guest import cowlink, cowlink_ns, in_ns, need_guests, netns, traces
+from tests._guest import cowlink, cowlink_ns, gname, in_ns, need_guests, netns, traces
 from tests._util import need
 
 pytestmark = pytest.mark.privileged
@@ -36,9 +36,11 @@ print(ssh.decode(errors="replace"))
 def test_debian_guest_serves_nginx_and_ssh(home: Path, netns: int) -> None:
     need_guests()
     need((CORPUS / ".done-g3").exists(), "needs the corpus guest g3")
-    built = cowlink(home, "guest", "build", "ct-deb", "--from", str(CORPUS / "g3"), timeout=300)
+    built = cowlink(
+        home, "guest", "build", gname("ct-deb"), "--from", str(CORPUS / "g3"), timeout=300
+    )
     assert built.returncode == 0, built.stderr
-    toml = home / "guests" / "ct-deb" / "guest.toml"
+    toml = home / "guests" / gname("ct-deb") / "guest.toml"
     text = toml.read_text()
     assert 'style = "sysv"' in text  # chosen because the tree has /etc/rc3.d
     toml.write_text(
@@ -48,21 +50,21 @@ def test_debian_guest_serves_nginx_and_ssh(home: Path, netns: int) -> None:
             1,
         )
     )
-    start = cowlink_ns(netns, home, "guest", "start", "ct-deb")
+    start = cowlink_ns(netns, home, "guest", "start", gname("ct-deb"))
     try:
         assert start.returncode == 0, start.stderr
         fetched = in_ns(netns, sys.executable, "-c", PROBE, "192.0.2.2")
         assert "Welcome to nginx!" in fetched.stdout, fetched.stderr
         assert "SSH-2.0-OpenSSH" in fetched.stdout
-        status = cowlink_ns(netns, home, "guest", "status", "ct-deb")
+        status = cowlink_ns(netns, home, "guest", "status", gname("ct-deb"))
         assert "/usr/sbin/sshd" in status.stdout
         assert "nginx: master process" in status.stdout
     finally:
-        stop = cowlink_ns(netns, home, "guest", "stop", "ct-deb")
+        stop = cowlink_ns(netns, home, "guest", "stop", gname("ct-deb"))
     assert stop.returncode == 0, stop.stderr
-    log = (home / "log" / "ct-deb.console").read_text()
+    log = (home / "log" / f"{gname('ct-deb')}.console").read_text()
     assert "Starting nginx" in log
     assert "Stopping" in log  # the rc scripts ran again with `stop`
-    assert traces(home, "ct-deb") == []
-    assert in_ns(netns, "ip", "link", "show", "cl-ct-deb").returncode != 0
+    assert traces(home, gname("ct-deb")) == []
+    assert in_ns(netns, "ip", "link", "show", "cl-" + gname("ct-deb")).returncode != 0
     assert os.path.exists(CORPUS / "g3" / "etc" / "rc3.d" / "S01nginx")

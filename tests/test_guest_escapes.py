@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._guest import guest_exec, make_guest, need_guests, running
+from tests._guest import gname, guest_exec, make_guest, need_guests, running
 from tests._util import can_set_immutable, clear_immutable_tree, need
 
 pytestmark = pytest.mark.privileged
@@ -52,8 +52,8 @@ def escapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     need(can_set_immutable(), "needs immutable-flag support")
     home = tmp_path_factory.mktemp("escapes") / "home"
     toml = '[init]\nstyle = "services"\nservices = [{start = "sleep 1000 &"}]\n'
-    a = make_guest(home, "ct-esc-a", toml, with_usr=True) / "root"
-    b = make_guest(home, "ct-esc-b", toml, with_usr=True) / "root"
+    a = make_guest(home, gname("ct-esc-a"), toml, with_usr=True) / "root"
+    b = make_guest(home, gname("ct-esc-b"), toml, with_usr=True) / "root"
     # A unified file as `cowlink unify` leaves it: one immutable inode in both guests.
     (b / "etc" / "shared").write_text("original\n")
     os.link(b / "etc" / "shared", a / "etc" / "shared")
@@ -78,9 +78,13 @@ def escapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "store_marker": str(store_marker),
     }
     try:
-        with running(home, "ct-esc-a"), running(home, "ct-esc-b"):
+        with running(home, gname("ct-esc-a")), running(home, gname("ct-esc-b")):
             result = guest_exec(
-                home, "ct-esc-a", "/usr/bin/python3", "/root/probe.py", json.dumps(probe_args)
+                home,
+                gname("ct-esc-a"),
+                "/usr/bin/python3",
+                "/root/probe.py",
+                json.dumps(probe_args),
             )
             assert result.returncode == 0, result.stderr
             found: dict[str, str] = json.loads(result.stdout)
@@ -89,7 +93,7 @@ def escapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 if sleeper.poll() is None and socket.gethostname() == hostname
                 else "ESCAPED: host process killed or hostname changed"
             )
-            b_view = guest_exec(home, "ct-esc-b", "cat", "/etc/shared").stdout
+            b_view = guest_exec(home, gname("ct-esc-b"), "cat", "/etc/shared").stdout
             found["b_sees_change"] = (
                 "blocked" if b_view == "original\n" else f"ESCAPED: B sees {b_view!r}"
             )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._guest import cowlink, guest_exec, make_guest, need_guests, running
+from tests._guest import cowlink, gname, guest_exec, make_guest, need_guests, running
 
 pytestmark = pytest.mark.privileged
 
@@ -26,11 +26,11 @@ def _status(home: Path, name: str) -> dict[str, object]:
 
 
 def test_fork_bomb_is_capped_by_pids_max(home: Path) -> None:
-    make_guest(home, "ct-pids", SERVICES + "[limits]\npids_max = 16\n")
-    with running(home, "ct-pids"):
+    make_guest(home, gname("ct-pids"), SERVICES + "[limits]\npids_max = 16\n")
+    with running(home, gname("ct-pids")):
         result = guest_exec(
             home,
-            "ct-pids",
+            gname("ct-pids"),
             "sh",
             "-c",
             "for i in $(seq 40); do sleep 5 >/dev/null 2>&1 & done",
@@ -38,44 +38,46 @@ def test_fork_bomb_is_capped_by_pids_max(home: Path) -> None:
         )
         assert result.returncode != 0
         assert "fork" in result.stderr
-        processes = _status(home, "ct-pids")["processes"]
+        processes = _status(home, gname("ct-pids"))["processes"]
         assert isinstance(processes, int)
-        assert 10 < processes <= 16, (result, _status(home, "ct-pids"))
-        assert _status(home, "ct-pids")["running"] is True
+        assert 10 < processes <= 16, (result, _status(home, gname("ct-pids")))
+        assert _status(home, gname("ct-pids"))["running"] is True
         # The host (and this test) can still fork, and the monitor still stops the guest.
-        assert cowlink(home, "guest", "stop", "ct-pids").returncode == 0
+        assert cowlink(home, "guest", "stop", gname("ct-pids")).returncode == 0
 
 
 def test_memory_limit_kills_inside_the_guest_only(home: Path) -> None:
-    make_guest(home, "ct-mem", SERVICES + '[limits]\nmemory_max = "48M"\n')
-    with running(home, "ct-mem"):
+    make_guest(home, gname("ct-mem"), SERVICES + '[limits]\nmemory_max = "48M"\n')
+    with running(home, gname("ct-mem")):
         # dd touches its whole 256 MiB buffer while reading /dev/zero into it.
         result = guest_exec(
-            home, "ct-mem", "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"
+            home, gname("ct-mem"), "dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"
         )
         assert result.returncode == 128 + 9  # SIGKILL by the OOM killer
-        small = guest_exec(home, "ct-mem", "dd", "if=/dev/zero", "of=/dev/null", "bs=8M", "count=1")
+        small = guest_exec(
+            home, gname("ct-mem"), "dd", "if=/dev/zero", "of=/dev/null", "bs=8M", "count=1"
+        )
         assert small.returncode == 0
-        status = _status(home, "ct-mem")
+        status = _status(home, gname("ct-mem"))
         assert status["running"] is True  # init and the service survived
         assert status["processes"] == 2
 
 
 def test_cpu_quota_holds_over_a_second(home: Path) -> None:
-    make_guest(home, "ct-cpu", SERVICES + "[limits]\ncpu_quota = 20\n")
-    with running(home, "ct-cpu"):
-        before = _status(home, "ct-cpu")["cpu_seconds"]
+    make_guest(home, gname("ct-cpu"), SERVICES + "[limits]\ncpu_quota = 20\n")
+    with running(home, gname("ct-cpu")):
+        before = _status(home, gname("ct-cpu"))["cpu_seconds"]
         t0 = time.monotonic()
         guest_exec(
             home,
-            "ct-cpu",
+            gname("ct-cpu"),
             "sh",
             "-c",
             "for i in 1 2; do timeout 1.5 sh -c 'while :; do :; done' & done; wait",
             timeout=30,
         )
         wall = time.monotonic() - t0
-        used = _status(home, "ct-cpu")["cpu_seconds"]
+        used = _status(home, gname("ct-cpu"))["cpu_seconds"]
         assert isinstance(before, float)
         assert isinstance(used, float)
         share = (used - before) / wall

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._guest import cowlink, cowlink_ns, in_ns, make_guest, need_guests, netns, running
+from tests._guest import cowlink, cowlink_ns, gname, in_ns, make_guest, need_guests, netns, running
 
 pytestmark = pytest.mark.privileged
 __all__ = ["netns"]  # the fixture, used by name
@@ -40,33 +40,35 @@ print(data.decode(errors="replace"))
 
 
 def test_veth_guest_serves_and_leaves_nothing(home: Path, netns: int) -> None:
-    gdir = make_guest(home, "ct-net", HTTPD)
+    gdir = make_guest(home, gname("ct-net"), HTTPD)
     (gdir / "root" / "www").mkdir()
     (gdir / "root" / "www" / "index.html").write_text("hello from the guest\n")
     (gdir / "root" / "bin" / "pidof").symlink_to("busybox")
-    start = cowlink_ns(netns, home, "guest", "start", "ct-net")
+    start = cowlink_ns(netns, home, "guest", "start", gname("ct-net"))
     try:
         assert start.returncode == 0, start.stderr
         page = in_ns(netns, sys.executable, "-c", FETCH, "192.0.2.2")
         assert "hello from the guest" in page.stdout, page.stderr
 
-        routes = cowlink_ns(netns, home, "guest", "exec", "ct-net", "--", "ip", "route")
+        routes = cowlink_ns(netns, home, "guest", "exec", gname("ct-net"), "--", "ip", "route")
         assert "192.0.2.0/24 dev eth0" in routes.stdout
-        links = cowlink_ns(netns, home, "guest", "exec", "ct-net", "--", "ip", "-o", "link")
+        links = cowlink_ns(netns, home, "guest", "exec", gname("ct-net"), "--", "ip", "-o", "link")
         assert [line.split(":")[1].strip().split("@")[0] for line in links.stdout.splitlines()] == [
             "lo",
             "eth0",
         ]
-        host_side = in_ns(netns, "ip", "-o", "addr", "show", "dev", "cl-ct-net")
+        host_side = in_ns(netns, "ip", "-o", "addr", "show", "dev", "cl-" + gname("ct-net"))
         assert "192.0.2.1/24" in host_side.stdout
         # The guest's namespace is not the test's: it holds no cl-* link of its own.
-        assert "cl-ct-net" not in links.stdout
+        assert "cl-" + gname("ct-net") not in links.stdout
         # The machine's own namespace never saw the veth.
-        assert subprocess.run(["ip", "link", "show", "cl-ct-net"], capture_output=True).returncode
+        assert subprocess.run(
+            ["ip", "link", "show", "cl-" + gname("ct-net")], capture_output=True
+        ).returncode
     finally:
-        stop = cowlink_ns(netns, home, "guest", "stop", "ct-net", "--timeout", "2")
+        stop = cowlink_ns(netns, home, "guest", "stop", gname("ct-net"), "--timeout", "2")
     assert stop.returncode == 0, stop.stderr
-    assert in_ns(netns, "ip", "link", "show", "cl-ct-net").returncode != 0
+    assert in_ns(netns, "ip", "link", "show", "cl-" + gname("ct-net")).returncode != 0
     refused = in_ns(netns, sys.executable, "-c", FETCH, "192.0.2.2", timeout=30)
     assert refused.returncode != 0
 
@@ -75,11 +77,11 @@ def test_network_none_has_only_loopback(home: Path) -> None:
     need_guests()
     make_guest(
         home,
-        "ct-nonet",
+        gname("ct-nonet"),
         '[init]\nstyle = "services"\nservices = [{start = "sleep 1000 &"}]\n'
         '[network]\nmode = "none"\n',
     )
-    with running(home, "ct-nonet"):
-        links = cowlink(home, "guest", "exec", "ct-nonet", "--", "ip", "-o", "link")
+    with running(home, gname("ct-nonet")):
+        links = cowlink(home, "guest", "exec", gname("ct-nonet"), "--", "ip", "-o", "link")
         assert [line.split(":")[1].strip() for line in links.stdout.splitlines()] == ["lo"]
         assert "state UNKNOWN" in links.stdout or "UP" in links.stdout
