@@ -250,3 +250,33 @@ def test_state_identity_survives_pid_reuse() -> None:
     ).init_alive()
     assert not GuestState("g", me, start, init_pid=me, init_start=start, pidns=ns + 1).init_alive()
     assert not GuestState("g", me, start + 1).monitor_alive()
+
+
+def test_cgroup_limits_are_written_for_v1_and_v2(tmp_path: Path) -> None:
+    from cowlink._cgroups import DEVICE_ALLOW, GuestCgroups
+    from cowlink._guestconf import Limits
+
+    limits = Limits(memory_max=64 << 20, cpu_quota=20.0, cpu_shares=512, pids_max=16)
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    GuestCgroups({"unified": str(v2)})._apply(limits)
+    assert (v2 / "memory.max").read_text() == str(64 << 20)
+    assert (v2 / "cpu.max").read_text() == "20000 100000"
+    assert (v2 / "cpu.weight").read_text() == "50"
+    assert (v2 / "pids.max").read_text() == "16"
+
+    paths = {c: tmp_path / c for c in ("cpu", "memory", "pids", "devices")}
+    for p in paths.values():
+        p.mkdir()
+    v1 = GuestCgroups({c: str(p) for c, p in paths.items()})
+    # The kernel's devices.allow takes one rule per write; a plain file keeps the last.
+    v1._apply(limits)
+    assert (paths["memory"] / "memory.limit_in_bytes").read_text() == str(64 << 20)
+    assert (paths["cpu"] / "cpu.cfs_quota_us").read_text() == "20000"
+    assert (paths["cpu"] / "cpu.cfs_period_us").read_text() == "100000"
+    assert (paths["cpu"] / "cpu.shares").read_text() == "512"
+    assert (paths["pids"] / "pids.max").read_text() == "16"
+    assert (paths["devices"] / "devices.deny").read_text() == "a"
+    assert (paths["devices"] / "devices.allow").read_text() == DEVICE_ALLOW[-1]
+    assert v1.has_devices
+    assert not GuestCgroups({"unified": str(v2)}).has_devices
