@@ -102,6 +102,11 @@ class _Monitor:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.init_pid, 0)
 
+    def forget_init(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
     def run(self) -> bool:
         """One boot of the guest, from set-up to clean-up. True when it asked to reboot:
         its init was killed by SIGHUP, which is what reboot(2) does in a pid namespace,
@@ -185,7 +190,7 @@ class _Monitor:
             # The forker has exited, so init is now our child (we are a subreaper).
             self.init_pid = int(pid_text)
             self.pidfd = os.pidfd_open(self.init_pid)
-            stack.callback(os.close, self.pidfd)
+            stack.callback(self.forget_init)
             stack.callback(self.kill_init)
             state.init_pid = self.init_pid
             state.init_start = _linux.process_start_time(self.init_pid) or 0
