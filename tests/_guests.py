@@ -62,7 +62,7 @@ def store_objects(home: Path) -> list[Path]:
     store = home / "store"
     if not store.is_dir():
         return []
-    return sorted(p for p in store.glob("??/??/*") if p.is_file())
+    return sorted(p for p in store.glob("??/*") if p.is_file())
 
 
 def same_inode(a: Path, b: Path) -> bool:

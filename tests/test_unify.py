@@ -363,7 +363,7 @@ def test_file_changed_between_hashing_and_linking_is_kept(
             f.write(b"guest")
         return equal
 
-    monkeypatch.setattr("cowlink._unify.same_content", compare_then_change)
+    monkeypatch.setattr("cowlink._linker.same_content", compare_then_change)
     report = cowlink(home, "unify", "--json").json
 
     assert report["files_linked"] == 0

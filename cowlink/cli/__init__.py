@@ -7,22 +7,32 @@ stderr and its exit code, here and nowhere else.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from .. import __version__
-from .._errors import CowlinkError
+from .._errors import CowlinkError, Interrupted
 from .._home import Home
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
+        # Until a command installs its own handlers, SIGTERM stops as SIGINT does.
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except CowlinkError as exc:
             click.echo(f"cowlink: {exc.message}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("cowlink: interrupted before anything was changed", err=True)
+            ctx.exit(128 + signal.SIGINT)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
