@@ -33,7 +33,7 @@ def test_fork_bomb_is_capped_by_pids_max(home: Path) -> None:
             gname("ct-pids"),
             "sh",
             "-c",
-            "for i in $(seq 40); do sleep 5 >/dev/null 2>&1 & done",
+            "for i in $(seq 40); do sleep 30 >/dev/null 2>&1 & done",
             timeout=60,
         )
         assert result.returncode != 0
