@@ -30,7 +30,9 @@ DEVICE_ALLOW = (
     "c 1:8 rwm",  # random
     "c 1:9 rwm",  # urandom
     "c 5:0 rwm",  # tty
-    "c 5:1 rwm",  # console
+    # Not 5:1: a node made for it would open the host's console. The guest's
+    # /dev/console is a pty slave (136:N), and a pts node made outside a devpts
+    # mount cannot be opened (EIO), so 136:* reaches only the guest's own ptys.
     "c 5:2 rwm",  # ptmx
     "c 136:* rwm",  # pty slaves
 )

@@ -41,6 +41,7 @@ _NAMESPACES = (
     ("pid", _linux.CLONE_NEWPID),
 )
 _SHELLS = ("/bin/bash", "/bin/sh")
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _TIOCSPTLCK = 0x40045431
 _TIOCGPTPEER = 0x5441
 
@@ -106,8 +107,9 @@ def run_in_guest(
     """Run `argv` (empty: a login shell) inside the guest; its exit status (128+N if killed).
 
     With `pty`, the process gets a new pty (of the guest's devpts) relayed to our stdin
-    and stdout; otherwise it
-    inherits our stdin, stdout and stderr.
+    and stdout; otherwise it inherits our stdin, stdout and stderr, but in a session of
+    its own: our terminal is never its controlling tty, so /dev/tty in the guest does not
+    reach it. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to us are passed on to it.
 
     Raises:
         GuestNotRunning: the guest is not running.
@@ -123,6 +125,9 @@ def run_in_guest(
     if helper == 0:
         code = 126
         try:
+            # Out of our process group, so the terminal's ^C reaches the guest's process
+            # once (we pass it on), not twice.
+            os.setpgid(0, 0)
             slave = -1
             _join(state, ns_fds, keep)
             if helper_sock is not None:
@@ -132,8 +137,8 @@ def run_in_guest(
             child = os.fork()
             if child == 0:
                 try:
+                    os.setsid()
                     if slave >= 0:
-                        os.setsid()
                         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
                         for target in (0, 1, 2):
                             os.dup2(slave, target)
@@ -145,7 +150,8 @@ def run_in_guest(
                     os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
             if slave >= 0:
                 os.close(slave)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the child gets its own
+            for sig in _FORWARDED:
+                signal.signal(sig, lambda signum, _frame: _pass_on(child, signum))
             _, wstatus = os.waitpid(child, 0)
             code = _exit_code(wstatus)
         except BaseException as exc:
@@ -191,33 +197,39 @@ def _exit_code(wstatus: int) -> int:
     return code if code >= 0 else 128 - code
 
 
+def _pass_on(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
 def _wait_helper(helper: int, timeout: float | None) -> int:
-    if timeout is None:
-        with _ignoring_interrupts():
+    with _forwarding_signals(helper):
+        if timeout is None:
             _, wstatus = os.waitpid(helper, 0)
-        return _exit_code(wstatus)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, wstatus = os.waitpid(helper, os.WNOHANG)
-        if pid:
             return _exit_code(wstatus)
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(helper, signal.SIGKILL)
-            os.waitpid(helper, 0)
-            return 124
-        time.sleep(0.02)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, wstatus = os.waitpid(helper, os.WNOHANG)
+            if pid:
+                return _exit_code(wstatus)
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(helper, signal.SIGKILL)
+                os.waitpid(helper, 0)
+                return 124
+            time.sleep(0.02)
 
 
 @contextlib.contextmanager
-def _ignoring_interrupts() -> Iterator[None]:
-    # Ctrl-C goes to the whole foreground group; the guest's process decides what it means,
-    # we just report its status.
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _forwarding_signals(helper: int) -> Iterator[None]:
+    """Pass what the operator sends us on to the guest's process (via the helper), and
+    report its exit status rather than dying first."""
+    old = {sig: signal.signal(sig, lambda s, _f: _pass_on(helper, s)) for sig in _FORWARDED}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _copy_window_size(master: int) -> None:

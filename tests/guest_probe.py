@@ -239,4 +239,31 @@ def _() -> str:
     return ""
 
 
+@attempt("mknod_host_console")
+def _() -> str:
+    os.mknod("/tmp/hostconsole", stat.S_IFCHR | 0o600, os.makedev(5, 1))
+    os.open("/tmp/hostconsole", os.O_RDWR | os.O_NOCTTY)
+    return "opened the host's console"
+
+
+@attempt("mknod_host_pty")
+def _() -> str:
+    for n in range(8):  # host ptys (the operator's terminal among them) are 136:N too
+        path = f"/tmp/hostpts{n}"
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(136, n))
+        try:
+            os.open(path, os.O_RDWR | os.O_NOCTTY)
+            return f"opened 136:{n} outside the guest's devpts"
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+    raise OSError(errno.EIO, "no pty opened")
+
+
+@attempt("open_dev_tty")
+def _() -> str:
+    os.open("/dev/tty", os.O_RDWR)
+    return "opened a controlling terminal from exec"
+
+
 json.dump(results, sys.stdout)

@@ -42,6 +42,9 @@ ATTEMPTS = (
     "set_hostname",
     "tiocsti_console",
     "raw_disk_via_sys",
+    "mknod_host_console",
+    "mknod_host_pty",
+    "open_dev_tty",
 )
 
 

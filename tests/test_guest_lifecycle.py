@@ -343,3 +343,38 @@ def test_build_arguments_and_failed_debootstrap(home: Path) -> None:
     assert failed.returncode == 2
     assert "debootstrap" in failed.stderr
     assert not (home / "guests" / gname("ct-db")).exists()
+
+
+def test_exec_passes_signals_on(home: Path) -> None:
+    import subprocess
+    import sys
+
+    make_guest(home, gname("ct-sig"), SERVICES)
+    with running(home, gname("ct-sig")):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cowlink",
+                "--home",
+                str(home),
+                "guest",
+                "exec",
+                gname("ct-sig"),
+                "--",
+                "sleep",
+                "30",
+            ],
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while "sleep 30" not in cowlink(home, "guest", "status", gname("ct-sig")).stdout:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            proc.terminate()
+            assert proc.wait(timeout=10) == 128 + 15  # the sleep inside died of our SIGTERM
+        finally:
+            proc.kill()
+            proc.wait()
+        status = cowlink(home, "guest", "status", gname("ct-sig")).stdout
+        assert "sleep 30" not in status
