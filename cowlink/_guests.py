@@ -109,7 +109,14 @@ def start(home: Home, name: str, *, timeout: float = DEFAULT_START_TIMEOUT) -> G
         monitor, status_fd = _monitor.spawn(home, name, config, lock_fd)
     finally:
         os.close(lock_fd)  # the monitor holds its own copy of the lock now
-    report = _monitor.wait_for_report(status_fd, timeout)
+    try:
+        report = _monitor.wait_for_report(status_fd, timeout)
+    except BaseException:
+        # Interrupted while the guest was coming up: take it down again before saying so.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(monitor, signal.SIGTERM)
+        wait_unlocked(home, name, _CLEANUP_TIMEOUT)
+        raise
     if report == "ok":
         state = read_state(home, name)
         if state is not None:

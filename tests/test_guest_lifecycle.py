@@ -378,3 +378,30 @@ def test_exec_passes_signals_on(home: Path) -> None:
             proc.wait()
         status = cowlink(home, "guest", "status", gname("ct-sig")).stdout
         assert "sleep 30" not in status
+
+
+def test_interrupted_start_takes_the_guest_down(home: Path) -> None:
+    import subprocess
+    import sys
+
+    make_guest(
+        home, gname("ct-intr"), '[init]\nstyle = "services"\nservices = [{start = "sleep 1000"}]\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cowlink", "--home", str(home), "guest", "start", gname("ct-intr")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while "sleep 1000" not in cowlink(home, "guest", "status", gname("ct-intr")).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.terminate()
+        assert proc.wait(timeout=20) == 128 + 15
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert traces(home, gname("ct-intr")) == []
