@@ -123,6 +123,9 @@ def main() -> None:
     run("du", "-sh", "--total", *(str(DEMO_DIR / "home/guests" / g / "root") for g in GUESTS))
     say("a rerun from cron finds nothing new to do")
     cowlink("unify")
+    say("what each guest costs, and what unification saved")
+    cowlink("du", "--top", "5", "--html", str(DEMO_DIR / "du.html"))
+    print(f"(the same report as a web page: {DEMO_DIR / 'du.html'})")
 
 
 if __name__ == "__main__":
