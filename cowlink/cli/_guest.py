@@ -17,7 +17,12 @@ _START_TIMEOUT = 60.0
 
 @click.group("guest")
 def guest() -> None:
-    """Boot, stop, enter and limit guests in their own security context."""
+    """Boot, stop, enter and limit guests in their own security context.
+
+    A guest is HOME/guests/NAME/root, configured by HOME/guests/NAME/guest.toml (init
+    style, stop signal and timeout, limits, network, bind mounts); its console is logged
+    to HOME/log/NAME.console and its run state kept in HOME/run/NAME/.
+    """
 
 
 @guest.command("build")
