@@ -202,6 +202,7 @@ def _parse_init(top: _Table, default_style: str) -> InitConfig:
     style = raw.take("style", str, default_style)
     if style not in INIT_STYLES:
         raise _bad("init.style", f"must be one of {', '.join(INIT_STYLES)}, not {style!r}")
+    runlevel_given = "runlevel" in raw.data
     runlevel = raw.take("runlevel", int, 3)
     if not 1 <= runlevel <= 5:
         raise _bad("init.runlevel", "must be 1 to 5")
@@ -218,6 +219,13 @@ def _parse_init(top: _Table, default_style: str) -> InitConfig:
         services.append(Service(start, svc.take("stop", str)))
         svc.done()
     raw.done()
+    # Keys that exist but do not fit the chosen style would be silently ignored otherwise.
+    if runlevel_given and style != "sysv":
+        raise _bad("init.runlevel", f"is for style 'sysv', not {style!r}")
+    if services and style != "services":
+        raise _bad("init.services", f"is for style 'services', not {style!r}")
+    if command and style in ("sysv", "services"):
+        raise _bad("init.command", f"is for styles 'plain' and 'rescue', not {style!r}")
     if style == "rescue" and not command:
         raise _bad("init.command", "is required for the rescue style")
     if style == "services" and not services:

@@ -118,6 +118,9 @@ def test_unknown_keys_are_named(text: str, key: str) -> None:
         ("[[mount]]\nsource = 'rel'\ntarget = '/b'", "mount[0].source"),
         ("[[mount]]\nsource = '/a'\ntarget = '/../etc'", "mount[0].target"),
         ("limits = 3", "limits"),
+        ("[init]\nstyle = 'sysv'\nservices = [{start = 'a'}]", "init.services"),
+        ("[init]\nstyle = 'services'\nservices = [{start = 'a'}]\ncommand = 'x'", "init.command"),
+        ("[init]\nstyle = 'plain'\nrunlevel = 2", "init.runlevel"),
     ],
 )
 def test_bad_values_are_named(text: str, key: str) -> None:
