@@ -122,6 +122,10 @@ class _Init:
 
 def main(init: InitConfig, env: dict[str, str], ready_fd: int) -> None:
     """Start the guest's services, report ready on `ready_fd`, serve until halt, exit."""
+    if os.getpid() != 1:
+        # Halting ends with kill(-1): outside its own pid namespace that would signal
+        # every process of the host.
+        raise RuntimeError("cowlink's init must be pid 1 of a new pid namespace")
     signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
     me = _Init(env)
     starts, stops = _commands(init)

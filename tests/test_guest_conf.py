@@ -283,3 +283,10 @@ def test_cgroup_limits_are_written_for_v1_and_v2(tmp_path: Path) -> None:
     assert (paths["devices"] / "devices.allow").read_text() == DEVICE_ALLOW[-1]
     assert v1.has_devices
     assert not GuestCgroups({"unified": str(v2)}).has_devices
+
+
+def test_own_init_refuses_to_run_outside_a_pid_namespace() -> None:
+    from cowlink import _guestinit
+
+    with pytest.raises(RuntimeError, match="pid 1"):
+        _guestinit.main(_guestconf.InitConfig(style="rescue", command=("true",)), {}, -1)
