@@ -67,11 +67,23 @@ def lock_path(home: Home, name: str) -> Path:
 
 
 def read_state(home: Home, name: str) -> GuestState | None:
-    """The recorded state, or None when there is none or it cannot be parsed."""
+    """The recorded state, or None when there is none, it cannot be parsed, or it names
+    places that are not this guest's.
+
+    Stop and clean-up kill every process in the recorded cgroups and unmount the
+    recorded root: a record pointing anywhere else (a root cgroup, say) is not acted on.
+    """
     try:
-        return GuestState.from_dict(json.loads(state_path(home, name).read_text()))
+        state = GuestState.from_dict(json.loads(state_path(home, name).read_text()))
     except (OSError, ValueError, TypeError):
         return None
+    own_groups = all(
+        Path(p).name == name and Path(p).parent.name == "cowlink" for p in state.cgroups.values()
+    )
+    own_root = state.rootfs in ("", os.fspath(state_dir(home, name) / "root"))
+    if state.name != name or not own_groups or not own_root:
+        return None
+    return state
 
 
 def write_state(home: Home, state: GuestState) -> None:

@@ -290,3 +290,30 @@ def test_own_init_refuses_to_run_outside_a_pid_namespace() -> None:
 
     with pytest.raises(RuntimeError, match="pid 1"):
         _guestinit.main(_guestconf.InitConfig(style="rescue", command=("true",)), {}, -1)
+
+
+def test_state_pointing_elsewhere_is_ignored(tmp_path: Path) -> None:
+    import json
+
+    from cowlink._gueststate import GuestState, read_state, state_dir, write_state
+    from cowlink._home import Home
+
+    home = Home(tmp_path)
+    state_dir(home, "g").mkdir(parents=True)
+    good = GuestState(
+        "g",
+        1,
+        1,
+        cgroups={"pids": "/sys/fs/cgroup/pids/cowlink/g"},
+        rootfs=str(state_dir(home, "g") / "root"),
+    )
+    write_state(home, good)
+    assert read_state(home, "g") == good
+    for bad in (
+        {"cgroups": {"pids": "/sys/fs/cgroup/pids"}},
+        {"rootfs": "/"},
+        {"name": "other"},
+    ):
+        data = json.loads(good.as_json()) | bad
+        (state_dir(home, "g") / "state.json").write_text(json.dumps(data))
+        assert read_state(home, "g") is None, bad
