@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _linux
+from ._guestnet import host_veth_name
 from ._home import Home
 
 
@@ -81,7 +82,8 @@ def read_state(home: Home, name: str) -> GuestState | None:
         Path(p).name == name and Path(p).parent.name == "cowlink" for p in state.cgroups.values()
     )
     own_root = state.rootfs in ("", os.fspath(state_dir(home, name) / "root"))
-    if state.name != name or not own_groups or not own_root:
+    own_veth = state.veth in (None, host_veth_name(name))
+    if state.name != name or not own_groups or not own_root or not own_veth:
         return None
     return state
 

@@ -313,6 +313,7 @@ def test_state_pointing_elsewhere_is_ignored(tmp_path: Path) -> None:
         {"cgroups": {"pids": "/sys/fs/cgroup/pids"}},
         {"rootfs": "/"},
         {"name": "other"},
+        {"veth": "eth0"},
     ):
         data = json.loads(good.as_json()) | bad
         (state_dir(home, "g") / "state.json").write_text(json.dumps(data))
