@@ -174,9 +174,9 @@ def traces(home: Path, name: str) -> list[str]:
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             with contextlib.suppress(OSError):
-                env = Path(f"/proc/{pid}/root").resolve()
-                if str(env).startswith(str(home)):
-                    found.append(f"process {pid} rooted in {env}")
+                groups = Path(f"/proc/{pid}/cgroup").read_text()
+                if f"/cowlink/{name}\n" in groups:
+                    found.append(f"process {pid} in the guest's cgroups")
     return found
 
 
