@@ -266,4 +266,17 @@ def _() -> str:
     return "opened a controlling terminal from exec"
 
 
+@attempt("net_admin_on_host_network")
+def _() -> str:
+    # The guest shares the host's network (mode "host"): without NET_ADMIN it cannot
+    # reconfigure it. Setting lo's MTU to its current value would change nothing anyway.
+    import struct
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    req = struct.pack("16si12x", b"lo", 0)
+    mtu = struct.unpack("16si12x", fcntl.ioctl(s, 0x8921, req))[1]  # SIOCGIFMTU
+    fcntl.ioctl(s, 0x8922, struct.pack("16si12x", b"lo", mtu))  # SIOCSIFMTU
+    return "reconfigured the host's loopback"
+
+
 json.dump(results, sys.stdout)

@@ -45,6 +45,7 @@ ATTEMPTS = (
     "mknod_host_console",
     "mknod_host_pty",
     "open_dev_tty",
+    "net_admin_on_host_network",
 )
 
 
