@@ -59,7 +59,20 @@ def build_debootstrap(
     Raises:
         UsageError: the guest exists already.
         GuestBuildFailed: debootstrap failed (nothing is left behind).
+        LockHeld: another cowlink command (`unify`, say) holds the home's lock.
     """
+    with home.lock("guest build"):  # a half-built tree must not meet `cowlink unify`
+        return _debootstrap(home, name, suite, mirror, variant, include)
+
+
+def _debootstrap(
+    home: Home,
+    name: str,
+    suite: str,
+    mirror: str | None,
+    variant: str | None,
+    include: str | None,
+) -> Path:
     gdir, root = _prepare(home, name)
     argv = ["debootstrap"]
     if variant:
@@ -78,6 +91,11 @@ def build_from(home: Home, name: str, source: Path) -> Path:
     """Copy an existing tree (ownership, modes, links, xattrs kept); returns the new root."""
     if not source.is_dir():
         raise UsageError(f"{source} is not a directory")
+    with home.lock("guest build"):
+        return _copy(home, name, source)
+
+
+def _copy(home: Home, name: str, source: Path) -> Path:
     gdir, root = _prepare(home, name)
     root.mkdir()
     _run(["cp", "-a", "--reflink=auto", f"{os.fspath(source)}/.", os.fspath(root)], root, gdir)
