@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
+EXIT_NOT_RUNNING = 3  # as VServer's `vserver NAME status`
 
 
 class CowlinkError(Exception):
@@ -50,6 +51,32 @@ class Interrupted(CowlinkError):
         self.exit_code = 128 + signum
 
 
+class GuestNotRunning(CowlinkError):
+    """The guest is not running (`guest status` and `stop` of a stopped guest exit 3)."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+class GuestRunning(CowlinkError):
+    """The guest is already running (or still stopping); stop it first."""
+
+
+class GuestStartFailed(CowlinkError):
+    """The guest did not come up; every step the start took has been undone."""
+
+
+class GuestBuildFailed(CowlinkError):
+    """debootstrap or the copy failed; the half-built guest was removed."""
+
+
+class CgroupError(CowlinkError):
+    """A guest's control group could not be created, limited or emptied."""
+
+
+class NetworkError(CowlinkError):
+    """A guest's network could not be set up."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """A per-file problem: recorded, reported, and turned into exit code 1; never a crash."""
@@ -67,10 +94,6 @@ class NoSpace(CowlinkError):
 
 class ReadOnly(CowlinkError):
     """The filesystem is (or became) read-only; the command stopped, nothing was lost."""
-
-
-class GuestRunning(CowlinkError):
-    """The guest is running, so its tree cannot be removed."""
 
 
 def storage_fault(exc: BaseException, where: str) -> CowlinkError | None:

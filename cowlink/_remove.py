@@ -14,12 +14,14 @@ import os
 import shutil
 import stat
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import _linux
 from ._catalogue import Catalogue
 from ._errors import EXIT_OK, EXIT_PROBLEMS, GuestRunning, Problem, UsageError
+from ._gueststate import read_state, release_lock, try_lock
 from ._home import Home
 from ._linker import Reporter
 from ._store import thawed
@@ -54,17 +56,14 @@ class RemoveReport:
 
 
 def running_pid(home: Home, guest: str) -> int | None:
-    """The pid of a running guest, or None.
+    """The pid of a running guest (its init, else its monitor), from the launcher's record.
 
-    The launcher keeps a running guest's state in HOME/run/NAME/; until its format is
-    settled, a guest counts as running when HOME/run/NAME/pid names a live process.
+    Takes no lock, so it suits `status`; `remove` holds the guest's own lock instead.
     """
-    try:
-        text = (home.run_dir / guest / "pid").read_text()
-        pid = int(text.split()[0])
-    except (OSError, ValueError, IndexError):
+    state = read_state(home, guest)
+    if state is None or not state.monitor_alive():
         return None
-    return pid if running(pid) else None
+    return state.init_pid if state.init_alive() else state.monitor_pid
 
 
 def running(pid: int) -> bool:
@@ -104,15 +103,21 @@ def run_remove(home: Home, root: str, reporter: Reporter, *, wait: bool = False)
     if mounts:
         raise UsageError(f"{root}: {mounts[0]} is mounted inside; unmount it first")
     report = RemoveReport(root=real, guest=guest)
-    with home.lock("remove", wait=wait):
+    with home.lock("remove", wait=wait), ExitStack() as stack:
         if guest is None and real not in _known_roots(home):
             raise UsageError(
                 f"{root}: neither a guest of {home.path} nor a root it has unified; not removed"
             )
         if guest is not None:
-            pid = running_pid(home, guest)
-            if pid is not None:
-                raise GuestRunning(f"guest {guest} is running (pid {pid}); stop it first")
+            # The launcher's monitor holds the guest's lock for the guest's whole life;
+            # holding it here also keeps the guest from starting while its tree goes.
+            guest_lock = try_lock(home, guest)
+            if guest_lock is None:
+                pid = running_pid(home, guest)
+                raise GuestRunning(
+                    f"guest {guest} is running{f' (pid {pid})' if pid else ''}; stop it first"
+                )
+            stack.callback(release_lock, home, guest, guest_lock)
         _linux.ignore_lease_breaks()
         dev = os.lstat(real).st_dev
         with Catalogue.open(home.catalogue_path) as catalogue:

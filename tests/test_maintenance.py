@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,21 +91,20 @@ def test_remove_deletes_the_guest_and_leaves_the_store_and_others(
 
 
 def test_remove_refuses_a_running_guest(home: Path) -> None:
-    _a, b = unified(home)
-    run = home / "run" / "b"
-    run.mkdir(parents=True)
-    (run / "pid").write_text(f"{os.getpid()}\n")
+    from cowlink._gueststate import release_lock, try_lock
+    from cowlink._home import Home
 
-    result = cowlink(home, "remove", str(b))
+    _a, b = unified(home)
+    monitor = try_lock(Home(home), "b")  # what a running guest's monitor holds
+    assert monitor is not None
+    try:
+        result = cowlink(home, "remove", str(b))
+    finally:
+        release_lock(Home(home), "b", monitor)
 
     assert result.exit_code == 2
     assert "guest b is running" in result.stderr
     assert (b / "usr/bin/tool").exists()
-
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
-    )
-    (run / "pid").write_text(dead.stdout.decode())
     assert cowlink(home, "remove", str(b)).exit_code == 0
     assert not b.exists()
 

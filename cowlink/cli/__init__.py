@@ -22,6 +22,7 @@ from .._home import Home
 _COMMANDS = {
     "du": "._du:du",
     "gc": "._gc:gc",
+    "guest": "._guest:guest",
     "remove": "._remove:remove",
     "split": "._split:split",
     "status": "._status:status",
