@@ -46,6 +46,12 @@ class Interrupted(CowlinkError):
         self.exit_code = 128 + signum
 
 
+class MountFailed(CowlinkError):
+    """The mount daemon could not mount, or a mount point could not be unmounted."""
+
+    exit_code = 39  # s3ql's code for "FUSE initialisation failed"
+
+
 @dataclass(frozen=True)
 class Problem:
     """A per-file problem: recorded, reported, and turned into exit code 1; never a crash."""

@@ -44,6 +44,10 @@ def _register() -> None:
     from ._unify import unify
 
     main.add_command(unify)
+    from ._mount import mount, umount
+
+    main.add_command(mount)
+    main.add_command(umount)
 
 
 _register()
