@@ -7,9 +7,16 @@ another mount sees it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Iterator
+
 from cowlink._catalogue import Catalogue
 
 from ._inodes import Share
+
+log = logging.getLogger(__name__)
 
 
 class SharedIndex:
@@ -60,19 +67,33 @@ class SharedIndex:
         """st_nlink as the guest must see it: its own names, never other guests' or the store's."""
         return max(1, len(self.paths(share)))
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """A write transaction that starts with a write, so SQLite waits for the lock.
+
+        The change on disk is done already when we get here; a catalogue that cannot
+        record it loses a link group, which only makes names separate files (safe).
+        """
+        try:
+            with self.catalogue.transaction():
+                yield
+        except sqlite3.Error as exc:
+            log.warning("catalogue: cannot record %s: %s", what, exc)
+
     def dropped(self, paths: list[bytes]) -> None:
         """These names no longer lead to a store object (unlinked, replaced or broken)."""
-        with self.catalogue.transaction():
+        with self._writing("removed names"):
             self.catalogue.drop_names(self.root, paths)
 
     def renamed(self, old: bytes, new: bytes, *, is_dir: bool) -> None:
         """`old` is now called `new`; whatever `new` named is gone."""
-        with self.catalogue.transaction():
-            if is_dir:
+        if is_dir:
+            with self._writing("a renamed directory"):
                 self.catalogue.rename_name(self.root, old, new)
-                return
-            # A file has no subtree: skip rename_name's scan of every name of the guest.
-            group = self.catalogue.group_of(self.root, old)
+            return
+        # A file has no subtree: skip rename_name's scan of every name of the guest.
+        group = self.catalogue.group_of(self.root, old)
+        with self._writing("a renamed file"):
             self.catalogue.drop_names(self.root, [old, new])
             if group is not None:
                 self.catalogue.put_names(self.root, [(new, group)])
@@ -80,7 +101,7 @@ class SharedIndex:
     def exchanged(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE swapped two names (and their subtrees)."""
         parking = b"\0cowlink-exchange"  # no guest path holds a NUL byte
-        with self.catalogue.transaction():
+        with self._writing("exchanged names"):
             self.catalogue.rename_name(self.root, a, parking)
             self.catalogue.rename_name(self.root, b, a)
             self.catalogue.rename_name(self.root, parking, b)

@@ -354,8 +354,10 @@ class CowlinkOperations(pyfuse3.Operations):
             or fields.update_atime
             or fields.update_mtime
         )
-        if node.share is not None and changes:
+        if node.share is not None and changes and not self._no_change(node, attr, fields):
             await self._break(node, keep_data=not (fields.update_size and attr.st_size == 0))
+        if node.share is not None:  # unchanged: nothing to write to the shared inode
+            return self._entry(node, self._stat_node(node))
         fd = self._files[fh].fd if fh is not None else None
         where = None if fd is not None or node.is_dir else self._where(node)
         if fields.update_size:
@@ -399,6 +401,24 @@ class CowlinkOperations(pyfuse3.Operations):
                 os.utime(where.name, ns=(atime, mtime), dir_fd=where.dir_fd, follow_symlinks=False)
         st = os.fstat(fd) if fd is not None else self._stat_node(node)
         return self._entry(node, st)
+
+    def _no_change(
+        self, node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> bool:
+        """True when a setattr would set what is there already.
+
+        With the writeback cache the kernel flushes its cached times after a rename or an
+        unlink of another name; breaking a shared file for that would copy for nothing.
+        """
+        st = self._stat_node(node)
+        return (
+            (not fields.update_size or attr.st_size == st.st_size)
+            and (not fields.update_mode or stat.S_IMODE(attr.st_mode) == stat.S_IMODE(st.st_mode))
+            and (not fields.update_uid or attr.st_uid == st.st_uid)
+            and (not fields.update_gid or attr.st_gid == st.st_gid)
+            and (not fields.update_atime or attr.st_atime_ns == st.st_atime_ns)
+            and (not fields.update_mtime or attr.st_mtime_ns == st.st_mtime_ns)
+        )
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
