@@ -126,6 +126,12 @@ class InodeTable:
             node.names.discard((parent, name))
         return node
 
+    def unkey(self, node: Node) -> None:
+        """The backing inode is gone (its last name removed): a new file that gets the
+        same inode number from the filesystem must get a new node, not this one."""
+        if self._by_key.get(node.key) is node:
+            del self._by_key[node.key]
+
     def rekey(self, node: Node, dev: int, bino: int, share: Share | None) -> None:
         """The node's backing inode changed (a break): same FUSE inode, new key."""
         if self._by_key.get(node.key) is node:

@@ -53,11 +53,15 @@ def _handler(
     """Let only FUSEError leave a handler: OSError keeps its errno, anything else is EIO."""
 
     async def wrapper(self: CowlinkOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", fn.__name__, args)
         try:
             return await fn(self, *args, **kwargs)
-        except FUSEError:
+        except FUSEError as exc:
+            log.debug("%s: %s", fn.__name__, errno.errorcode.get(exc.errno, exc.errno))
             raise
         except OSError as exc:
+            log.debug("%s: %s", fn.__name__, exc)
             raise FUSEError(exc.errno or errno.EIO) from None
         except KeyError:
             # The kernel named an inode or handle we never gave or already forgot.
@@ -359,7 +363,15 @@ class CowlinkOperations(pyfuse3.Operations):
         if node.share is not None:  # unchanged: nothing to write to the shared inode
             return self._entry(node, self._stat_node(node))
         fd = self._files[fh].fd if fh is not None else None
-        where = None if fd is not None or node.is_dir else self._where(node)
+        where = None
+        if fd is None and not node.is_dir:
+            try:
+                where = self._where(node)
+            except OSError:
+                # Unlinked: the kernel still flushes its cached times to it while open.
+                fd = next((self._files[h].fd for h in node.handles), None)
+                if fd is None:
+                    raise
         if fields.update_size:
             if fd is not None:
                 os.ftruncate(fd, attr.st_size)
@@ -481,13 +493,17 @@ class CowlinkOperations(pyfuse3.Operations):
             self.stats.shared_unlinks += 1
         else:
             os.unlink(name, dir_fd=parent.dir_fd)
-        self.table.unname(parent.ino, name)
+        node = self.table.unname(parent.ino, name)
+        if node is not None and self._was_last(st, share):
+            self.table.unkey(node)
 
     @_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
         os.rmdir(name, dir_fd=parent.dir_fd)
-        self.table.unname(parent.ino, name)
+        node = self.table.unname(parent.ino, name)
+        if node is not None:
+            self.table.unkey(node)
 
     @_handler
     async def rename(
@@ -508,14 +524,23 @@ class CowlinkOperations(pyfuse3.Operations):
             dst_st, dst_share = None, None
         src = _cow.Where(old_parent.dir_fd, name_old)
         dst = _cow.Where(new_parent.dir_fd, name_new)
-        same = dst_st is not None and (dst_st.st_dev, dst_st.st_ino) == (
+        one_inode = dst_st is not None and (dst_st.st_dev, dst_st.st_ino) == (
             src_st.st_dev,
             src_st.st_ino,
         )
-        if same and not flags & _linux.RENAME_EXCHANGE:
-            if flags & _linux.RENAME_NOREPLACE:
-                raise FUSEError(errno.EEXIST)
-            return  # POSIX: renaming a name onto another name of the same file does nothing
+        if one_inode and flags & _linux.RENAME_NOREPLACE:
+            raise FUSEError(errno.EEXIST)
+        if one_inode and src_share == dst_share:
+            if not flags & _linux.RENAME_EXCHANGE:
+                return  # POSIX: renaming a name onto another name of the same file does nothing
+        elif one_inode:
+            # Two of the guest's files that unify linked to one object: the kernel would
+            # do nothing, but the guest must see the source replace the target.
+            await self._rename_between_groups(
+                old_parent, name_old, new_parent, name_new, src_st, flags
+            )
+            return
+        same = one_inode
         shared: list[tuple[_cow.Where, int]] = []
         if src_share is not None:
             shared.append((src, src_st.st_ino))
@@ -528,17 +553,51 @@ class CowlinkOperations(pyfuse3.Operations):
             self.stats.shared_renames += 1
         else:
             _linux.rename_at(src.dir_fd, src.name, dst.dir_fd, dst.name, flags)
+        if self.index is not None:
+            if flags & _linux.RENAME_EXCHANGE:
+                self.index.exchanged(old_path, new_path)
+            else:
+                self.index.renamed(old_path, new_path, is_dir=stat.S_ISDIR(src_st.st_mode))
         moved = self.table.unname(old_parent.ino, name_old)
         replaced = self.table.unname(new_parent.ino, name_new)
         if moved is not None:
             self.table.name(moved, new_parent.ino, name_new)
         if flags & _linux.RENAME_EXCHANGE and replaced is not None:
             self.table.name(replaced, old_parent.ino, name_old)
-        if self.index is not None:
-            if flags & _linux.RENAME_EXCHANGE:
-                self.index.exchanged(old_path, new_path)
-            else:
-                self.index.renamed(old_path, new_path, is_dir=stat.S_ISDIR(src_st.st_mode))
+        elif replaced is not None and dst_st is not None and self._was_last(dst_st, dst_share):
+            self.table.unkey(replaced)
+
+    def _was_last(self, st: os.stat_result, share: Share | None) -> bool:
+        """After removing a name that `st` described: is the guest's file gone?"""
+        if share is None or self.index is None:
+            return st.st_nlink <= 1 or stat.S_ISDIR(st.st_mode)
+        return share.group is None or not self.index.paths(share)
+
+    async def _rename_between_groups(
+        self,
+        old_parent: Node,
+        name_old: bytes,
+        new_parent: Node,
+        name_new: bytes,
+        src_st: os.stat_result,
+        flags: int,
+    ) -> None:
+        assert self.index is not None
+        old_path = self.table.child_path(old_parent, name_old)
+        new_path = self.table.child_path(new_parent, name_new)
+        moved = self.table.unname(old_parent.ino, name_old)
+        replaced = self.table.unname(new_parent.ino, name_new)
+        if flags & _linux.RENAME_EXCHANGE:
+            self.index.exchanged(old_path, new_path)  # same bytes: only the groups swap
+            if replaced is not None:
+                self.table.name(replaced, old_parent.ino, name_old)
+        else:
+            where = _cow.Where(old_parent.dir_fd, name_old)
+            await trio.to_thread.run_sync(_cow.unlink_shared, where, src_st.st_ino)
+            self.index.renamed(old_path, new_path, is_dir=False)
+            self.stats.shared_renames += 1
+        if moved is not None:
+            self.table.name(moved, new_parent.ino, name_new)
 
     @_handler
     async def link(
