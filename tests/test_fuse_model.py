@@ -35,7 +35,7 @@ FILES = {
     "d2/f": b"f" * 5000,
 }
 LINKS = [("d1/a", "d2/a-link")]
-NAMES = [*FILES, "d2/a-link", "d1/n1", "d1/n2", "d2/n3", "d2/n4"]
+NAMES = [*FILES, "d2/a-link", "d1/n1", "d1/n2", "d2/n3", "d2/n4", "d1/s", "d2/s", "d1/s/k"]
 
 
 # fmt: off
@@ -43,6 +43,7 @@ KINDS = [
     "write", "write", "read", "truncate", "mmap", "rename", "link", "unlink",
     "chmod", "chown", "utime", "setxattr", "open", "open", "close", "hwrite",
     "hread", "hread", "ftruncate", "fsync", "stat", "create",
+    "mkdir", "rmdir", "symlink", "readlink", "listdir", "lstat",
 ]
 # fmt: on
 
@@ -138,6 +139,22 @@ def _step(rng: random.Random) -> Callable[[Side], object]:
             fd = os.open(s.p(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
             os.close(fd)
             return None
+        if kind == "mkdir":
+            os.mkdir(s.p(name), 0o750)
+            return None
+        if kind == "rmdir":
+            os.rmdir(s.p(name))
+            return None
+        if kind == "symlink":
+            os.symlink(f"../{other}", s.p(name))
+            return None
+        if kind == "readlink":
+            return os.readlink(s.p(name))
+        if kind == "listdir":
+            return sorted(os.listdir(os.path.dirname(s.p(name))))
+        if kind == "lstat":
+            st = os.lstat(s.p(name))
+            return _stat(st) if not stat.S_ISDIR(st.st_mode) else st.st_mode
         if kind == "open":
             if slot in s.fds:
                 os.close(s.fds.pop(slot))
@@ -191,7 +208,9 @@ def test_random_operations_match_ext4(tmp_path: Path, writeback: bool) -> None:
     store = g.store_state()
     other = manifest(g.roots["g2"])
     rng = random.Random(SEED + writeback)
-    extra = (() if writeback else ("--no-writeback",)) + tuple(os.environ.get("MODEL_DEBUG", "").split())
+    extra = (() if writeback else ("--no-writeback",)) + tuple(
+        os.environ.get("MODEL_DEBUG", "").split()
+    )
     with mounted(g.home, g.roots["g1"], tmp_path / "mnt", *extra) as mnt:
         model, real = Side(g.plain), Side(mnt)
         try:

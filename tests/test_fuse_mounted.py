@@ -334,3 +334,19 @@ def test_mount_refuses_a_busy_mount_point_and_umount_clears_it(guests: Guests, t
         assert again.returncode == 2
         assert stat_view(mnt / "usr/share/a")[1] == 2
     assert str(mnt) not in _linux.mount_points()
+
+
+def test_readdir_offsets_are_stable_with_hardlinks(guests: Guests, tmp_path: Path) -> None:
+    with mounted(guests.home, guests.roots["g1"], tmp_path / "mnt") as mnt:
+        d = mnt / "big"
+        d.mkdir()
+        for i in range(1500):
+            (d / f"file-{i:04d}-{'x' * 40}").write_bytes(b"")
+            if i % 3 == 0:
+                os.link(d / f"file-{i:04d}-{'x' * 40}", d / f"link-{i:04d}")
+        listed = os.listdir(d)
+        assert len(listed) == len(set(listed)) == 2000
+        assert sorted(listed) == sorted(os.listdir(guests.roots["g1"] / "big"))
+        found = subprocess.run(["find", str(mnt), "-type", "f"], capture_output=True, text=True)
+        assert found.returncode == 0
+        assert len(found.stdout.splitlines()) == 2000 + len(FILES) + 1
