@@ -1,8 +1,13 @@
 """What the catalogue says about one guest: which inodes are store objects, and its link groups.
 
-Used from the trio thread only (a Catalogue is bound to its thread). Every change the
-guest makes to a shared name is written through at once, so a `cowlink unify` run or
-another mount sees it.
+Used from the trio thread only (a Catalogue is bound to its thread). The guest's names
+are read once at mount time and mirrored in memory, so lookups and readdir never wait
+for SQLite; every change the guest makes to a shared name is written through at once,
+so a later `cowlink unify` run or another mount sees it.
+
+Notes:
+    A `cowlink unify` run over a mounted guest changes the tree under the daemon; the
+    mount does not see new objects or groups until it is remounted.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterator
 
 from cowlink._catalogue import Catalogue
@@ -33,6 +39,10 @@ class SharedIndex:
         self.root = root
         self._objects: set[tuple[int, int]] = set()
         self._not_objects: dict[tuple[int, int], int] = {}
+        self._group: dict[bytes, int] = catalogue.names(root)
+        self._members: defaultdict[int, set[bytes]] = defaultdict(set)
+        for path, group in self._group.items():
+            self._members[group].add(path)
 
     def close(self) -> None:
         self.catalogue.close()
@@ -54,18 +64,44 @@ class SharedIndex:
 
     def share_of(self, path: bytes) -> Share:
         """The share of a name linked to a store object."""
-        group = self.catalogue.group_of(self.root, path)
+        group = self._group.get(path)
         return Share(group) if group is not None else Share(None, path)
 
     def paths(self, share: Share) -> list[bytes]:
         """Every name of the guest's file: what one break moves to one private copy."""
         if share.group is None:
             return [share.path] if share.path is not None else []
-        return self.catalogue.group_names(self.root, share.group)
+        return sorted(self._members.get(share.group, ()))
 
     def link_count(self, share: Share) -> int:
         """st_nlink as the guest must see it: its own names, never other guests' or the store's."""
-        return max(1, len(self.paths(share)))
+        if share.group is None:
+            return 1
+        return max(1, len(self._members.get(share.group, ())))
+
+    # -- changes: memory first, then the catalogue --------------------------------------
+
+    def _forget(self, path: bytes) -> None:
+        group = self._group.pop(path, None)
+        if group is not None:
+            members = self._members[group]
+            members.discard(path)
+            if not members:
+                del self._members[group]
+
+    def _record(self, path: bytes, group: int) -> None:
+        self._forget(path)
+        self._group[path] = group
+        self._members[group].add(path)
+
+    def _moved(self, old: bytes, new: bytes) -> list[tuple[bytes, bytes]]:
+        """The recorded names at or below `old`, with where they go under `new`."""
+        prefix = old + b"/"
+        return [
+            (path, new + path[len(old) :])
+            for path in self._group
+            if path == old or path.startswith(prefix)
+        ]
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
@@ -82,17 +118,29 @@ class SharedIndex:
 
     def dropped(self, paths: list[bytes]) -> None:
         """These names no longer lead to a store object (unlinked, replaced or broken)."""
+        for path in paths:
+            self._forget(path)
         with self._writing("removed names"):
             self.catalogue.drop_names(self.root, paths)
 
     def renamed(self, old: bytes, new: bytes, *, is_dir: bool) -> None:
         """`old` is now called `new`; whatever `new` named is gone."""
+        moves = self._moved(old, new) if is_dir else []
+        groups = {path: self._group[path] for path, _ in moves}
+        self._forget(new)
+        for path, _ in moves:
+            self._forget(path)
+        for path, dest in moves:
+            self._record(dest, groups[path])
         if is_dir:
-            with self._writing("a renamed directory"):
-                self.catalogue.rename_name(self.root, old, new)
+            if moves:  # rename_name scans every name of the guest: only when needed
+                with self._writing("a renamed directory"):
+                    self.catalogue.rename_name(self.root, old, new)
             return
-        # A file has no subtree: skip rename_name's scan of every name of the guest.
-        group = self.catalogue.group_of(self.root, old)
+        group = self._group.get(old)
+        self._forget(old)
+        if group is not None:
+            self._record(new, group)
         with self._writing("a renamed file"):
             self.catalogue.drop_names(self.root, [old, new])
             if group is not None:
@@ -100,6 +148,14 @@ class SharedIndex:
 
     def exchanged(self, a: bytes, b: bytes) -> None:
         """RENAME_EXCHANGE swapped two names (and their subtrees)."""
+        there, back = self._moved(a, b), self._moved(b, a)
+        groups = {path: self._group[path] for path, _ in there + back}
+        for path, _ in there + back:
+            self._forget(path)
+        for path, dest in there + back:
+            self._record(dest, groups[path])
+        if not there and not back:
+            return
         parking = b"\0cowlink-exchange"  # no guest path holds a NUL byte
         with self._writing("exchanged names"):
             self.catalogue.rename_name(self.root, a, parking)

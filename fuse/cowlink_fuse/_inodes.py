@@ -53,6 +53,7 @@ class Node:
         lookups: the kernel's lookup count; the node goes when it drops to zero.
         dir_fd: an O_PATH fd of a directory, used as `dir_fd` for every *at() call in it.
         handles: open file handles, re-pointed when the file is broken.
+        no_caps: the file is known to carry no security.capability xattr.
     """
 
     ino: int
@@ -64,6 +65,7 @@ class Node:
     lookups: int = 0
     dir_fd: int = -1
     handles: set[int] = field(default_factory=set)
+    no_caps: bool = False
 
     @property
     def key(self) -> Key:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 3600.0
 _OPEN_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETID = stat.S_ISUID | stat.S_ISGID
+_CAPS = b"security.capability"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -768,40 +769,44 @@ class CowlinkOperations(pyfuse3.Operations):
 
     # -- extended attributes --------------------------------------------------------------
 
-    def _xattr_path(self, node: Node) -> tuple[str, int]:
-        """A /proc/self/fd path for the node's inode (and the O_PATH fd to close, or -1)."""
+    def _xattr_target(self, node: Node) -> tuple[int | str, bool]:
+        """Where to reach the node's own xattrs, and whether to follow the last component.
+
+        A file is reached as its parent's fd path plus its name, so a symlink is not
+        followed and nothing is opened; a directory through its fd's magic link (which
+        must be followed); a file with no name left through an open handle.
+        """
         if node.is_dir:
-            return f"/proc/self/fd/{node.dir_fd}", -1
-        if stat.S_ISLNK(node.mode):
-            # No race-free way to reach a symlink's own xattrs by fd (passthrough_ll).
-            raise FUSEError(errno.EPERM)
-        where = self._where(node)
-        fd = os.open(where.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.dir_fd)
-        return f"/proc/self/fd/{fd}", fd
+            return f"/proc/self/fd/{node.dir_fd}", True
+        try:
+            where = self._where(node)
+        except OSError:
+            for fh in node.handles:
+                return self._files[fh].fd, True
+            raise
+        return f"/proc/self/fd/{where.dir_fd}/{os.fsdecode(where.name)}", False
 
     @_handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table.get(inode)
-        if stat.S_ISLNK(node.mode):
+        if name == _CAPS and node.no_caps:
+            # The kernel asks before every write, to drop file capabilities; only we
+            # can add them, so a known "none" stays true until setxattr says otherwise.
             raise FUSEError(pyfuse3.ENOATTR)
-        path, fd = self._xattr_path(node)
         try:
-            return os.getxattr(path, name)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+            target, follow = self._xattr_target(node)
+            return os.getxattr(target, name, follow_symlinks=follow)
+        except OSError as exc:
+            if name == _CAPS and exc.errno == pyfuse3.ENOATTR:
+                node.no_caps = True
+            raise
 
     @_handler
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         node = self.table.get(inode)
-        if stat.S_ISLNK(node.mode):
-            return []
-        path, fd = self._xattr_path(node)
-        try:
-            return [os.fsencode(n) for n in os.listxattr(path)]
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        target, follow = self._xattr_target(node)
+        names = os.listxattr(target, follow_symlinks=follow)
+        return [os.fsencode(n) for n in names]
 
     @_handler
     async def setxattr(
@@ -810,21 +815,14 @@ class CowlinkOperations(pyfuse3.Operations):
         node = self.table.get(inode)
         if node.share is not None:
             await self._break(node)
-        path, fd = self._xattr_path(node)
-        try:
-            os.setxattr(path, name, value)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        node.no_caps = False
+        target, follow = self._xattr_target(node)
+        os.setxattr(target, name, value, follow_symlinks=follow)
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self.table.get(inode)
         if node.share is not None:
             await self._break(node)
-        path, fd = self._xattr_path(node)
-        try:
-            os.removexattr(path, name)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        target, follow = self._xattr_target(node)
+        os.removexattr(target, name, follow_symlinks=follow)
