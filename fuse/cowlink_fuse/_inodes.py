@@ -54,6 +54,7 @@ class Node:
         dir_fd: an O_PATH fd of a directory, used as `dir_fd` for every *at() call in it.
         handles: open file handles, re-pointed when the file is broken.
         no_caps: the file is known to carry no security.capability xattr.
+        listing: a directory's names as last read; None once anything changed in it.
     """
 
     ino: int
@@ -66,6 +67,7 @@ class Node:
     dir_fd: int = -1
     handles: set[int] = field(default_factory=set)
     no_caps: bool = False
+    listing: list[bytes] | None = None
 
     @property
     def key(self) -> Key:
@@ -122,11 +124,18 @@ class InodeTable:
 
     def unname(self, parent: int, name: bytes) -> Node | None:
         """Forget that `name` in `parent` exists; the node it led to, if known."""
+        self.changed(parent)
         ino = self._entries.pop((parent, name), None)
         node = None if ino is None else self._nodes.get(ino)
         if node is not None:
             node.names.discard((parent, name))
         return node
+
+    def changed(self, parent: int) -> None:
+        """A name was added to or removed from the directory `parent`."""
+        node = self._nodes.get(parent)
+        if node is not None:
+            node.listing = None
 
     def unkey(self, node: Node) -> None:
         """The backing inode is gone (its last name removed): a new file that gets the

@@ -253,6 +253,7 @@ class CowlinkOperations(pyfuse3.Operations):
             os.chmod(name, stat.S_IMODE(mode), dir_fd=parent.dir_fd)  # chown cleared them
 
     def _created(self, parent: Node, name: bytes) -> pyfuse3.EntryAttributes:
+        self.table.changed(parent.ino)
         node, attr = self._lookup(parent, name)
         node.lookups += 1
         return attr
@@ -668,6 +669,7 @@ class CowlinkOperations(pyfuse3.Operations):
                 return info, self._entry(node, self._stat_node(node))
         open_flags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         fd = os.open(name, open_flags | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=parent.dir_fd)
+        self.table.changed(parent.ino)
         try:
             pst = os.stat(parent.dir_fd)
             gid = pst.st_gid if pst.st_mode & stat.S_ISGID else ctx.gid
@@ -719,12 +721,18 @@ class CowlinkOperations(pyfuse3.Operations):
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
+        parent = handle.node
         if start_id == 0 or handle.entries is None:
             # One listing per pass, so an offset names the same entry for the whole pass
-            # (the inode number cannot serve: hardlinks repeat it in one directory).
-            with os.scandir(handle.fd) as it:
-                handle.entries = [os.fsencode(e.name) for e in it]
-        parent = handle.node
+            # (the inode number cannot serve: hardlinks repeat it in one directory). It
+            # is kept until a name in the directory changes, which only we can do.
+            if parent.listing is None:
+                parent.listing = [
+                    name
+                    for name in map(os.fsencode, os.listdir(handle.fd))
+                    if not self.temp_names.is_ours(name)  # a break in progress
+                ]
+            handle.entries = parent.listing
         for index in range(start_id, len(handle.entries)):
             name = handle.entries[index]
             try:
