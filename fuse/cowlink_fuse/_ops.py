@@ -290,7 +290,7 @@ class CowlinkOperations(pyfuse3.Operations):
             log.info("broke %s (%d names) from inode %d", paths[0], len(paths), old_key[1])
             for fh in list(node.handles):
                 handle = self._files[fh]
-                fresh = self._open_node(node, handle.flags & ~(os.O_TRUNC | os.O_CREAT))
+                fresh = self._open_node(node, handle.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL))
                 # The same fd number now reads the copy: readers go on, seeing the same bytes.
                 os.dup2(fresh, handle.fd, inheritable=False)
                 os.close(fresh)
