@@ -350,3 +350,27 @@ def test_readdir_offsets_are_stable_with_hardlinks(guests: Guests, tmp_path: Pat
         found = subprocess.run(["find", str(mnt), "-type", "f"], capture_output=True, text=True)
         assert found.returncode == 0
         assert len(found.stdout.splitlines()) == 2000 + len(FILES) + 1
+
+
+def test_o_direct_reads_and_writes(guests: Guests, tmp_path: Path) -> None:
+    with mounted(guests.home, guests.roots["g1"], tmp_path / "mnt") as mnt:
+        buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+        buf.write(b"d" * 4096)
+        fd = os.open(mnt / "direct", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+        try:
+            assert os.pwritev(fd, [buf], 0) == 4096
+            buf.seek(0)
+            buf.write(b"\0" * 4096)
+            assert os.preadv(fd, [buf], 0) == 4096
+            assert buf[:4096] == b"d" * 4096
+        finally:
+            os.close(fd)
+            buf.close()
+        fd = os.open(mnt / "usr/share/a", os.O_RDONLY | os.O_DIRECT)
+        try:
+            out = mmap.mmap(-1, 8192)
+            assert os.preadv(fd, [out], 0) == len(SHARED)
+            assert out[: len(SHARED)] == SHARED
+            out.close()
+        finally:
+            os.close(fd)

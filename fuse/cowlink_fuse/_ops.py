@@ -628,7 +628,8 @@ class CowlinkOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE == os.O_WRONLY:
                 flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
             flags &= ~os.O_APPEND
-        return flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        # O_DIRECT stays the kernel's business: our buffers are not aligned for the disk.
+        return flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT)
 
     def _file_info(self, fd: int, node: Node, flags: int) -> pyfuse3.FileInfo:
         fh = self._take_fh()
