@@ -374,3 +374,40 @@ def test_o_direct_reads_and_writes(guests: Guests, tmp_path: Path) -> None:
             out.close()
         finally:
             os.close(fd)
+
+
+def _as_user(uid: int, cwd: Path, fn: Callable[[], None]) -> int:
+    """Run `fn` in a forked child as `uid` inside `cwd`; its exit code (0: fn returned)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        code = 0
+        try:
+            os.chdir(cwd)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            fn()
+        except PermissionError:
+            code = 13
+        except BaseException:
+            code = 20
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_posix_acls_grant_access(guests: Guests, tmp_path: Path) -> None:
+    with mounted(guests.home, guests.roots["g1"], tmp_path / "mnt") as mnt:
+        f = mnt / "usr/share/acl"
+        f.write_bytes(b"")
+        os.chmod(f, 0o600)
+
+        def append() -> None:
+            with open("acl", "ab") as out:
+                out.write(b"by 1000\n")
+
+        assert _as_user(1000, mnt / "usr/share", append) == 13
+        subprocess.run(["setfacl", "-m", "u:1000:rw", str(f)], check=True)
+        assert _as_user(1000, mnt / "usr/share", append) == 0
+        assert f.read_bytes() == b"by 1000\n"
+        os.chmod(f, 0o640)  # the ACL mask follows the group bits
+        assert _as_user(1000, mnt / "usr/share", append) == 13

@@ -110,7 +110,7 @@ class CowlinkOperations(pyfuse3.Operations):
     """
 
     supports_dot_lookup = True
-    enable_acl = False
+    enable_acl = True  # the kernel checks POSIX ACLs (stored as xattrs underneath)
 
     def __init__(
         self,
