@@ -166,3 +166,14 @@ def lock_inode(fd: int) -> None:
 
 def unlock_inode(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def try_lock_inode(fd: int) -> bool:
+    """Take an exclusive flock without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True

@@ -411,3 +411,21 @@ def test_posix_acls_grant_access(guests: Guests, tmp_path: Path) -> None:
         assert f.read_bytes() == b"by 1000\n"
         os.chmod(f, 0o640)  # the ACL mask follows the group bits
         assert _as_user(1000, mnt / "usr/share", append) == 13
+
+
+def test_one_daemon_per_root_and_leftover_copies_are_removed(
+    guests: Guests, tmp_path: Path
+) -> None:
+    from cowlink._home import Home
+    from cowlink._store import TempNames
+
+    leftover = TempNames(Home(guests.home).secret()).make()
+    (guests.roots["g1"] / "usr/share" / os.fsdecode(leftover)).write_bytes(b"half a copy")
+    with mounted(guests.home, guests.roots["g1"], tmp_path / "mnt") as mnt:
+        second = tmp_path / "second"
+        second.mkdir()
+        again = cowlink(guests.home, "mount", str(guests.roots["g1"]), str(second), check=False)
+        assert again.returncode == 39
+        assert "mounted by another cowlink daemon" in again.stderr
+        assert sorted(os.listdir(mnt / "usr/share")) == ["a", "a2", "doc"]
+    assert sorted(os.listdir(guests.roots["g1"] / "usr/share")) == ["a", "a2", "doc"]

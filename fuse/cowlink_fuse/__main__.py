@@ -9,7 +9,7 @@ import sys
 
 from cowlink._home import Home
 
-from ._mount import MountOptions, serve
+from ._mount import MountOptions, RootBusy, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,16 +29,21 @@ def main(argv: list[str] | None = None) -> int:
         os.set_inheritable(args.ready_fd, False)  # helpers such as fusermount3 must not hold it
     home = Home(args.home)
     catalogue = home.catalogue_path
-    serve(
-        MountOptions(
-            root=args.root,
-            mountpoint=args.mountpoint,
-            catalogue=catalogue if catalogue.exists() else None,
-            secret=home.secret(),
-            writeback=not args.no_writeback,
-            ready_fd=args.ready_fd,
+    try:
+        serve(
+            MountOptions(
+                root=args.root,
+                mountpoint=args.mountpoint,
+                catalogue=catalogue if catalogue.exists() else None,
+                secret=home.secret(),
+                writeback=not args.no_writeback,
+                ready_fd=args.ready_fd,
+                run_dir=home.run_dir,
+            )
         )
-    )
+    except RootBusy as exc:
+        logging.error("%s", exc)
+        return 1
     return 0
 
 

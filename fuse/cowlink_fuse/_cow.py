@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cowlink import _linux
-from cowlink._store import TempNames, thawed
+from cowlink._store import thawed
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_SHARED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC
@@ -123,7 +123,7 @@ def copy_metadata(src: int, dst: int, st: os.stat_result) -> None:
 
 
 def break_links(
-    root_fd: int, paths: list[bytes], ino: int, temp_names: TempNames, *, keep_data: bool = True
+    root_fd: int, paths: list[bytes], ino: int, temps: list[bytes], *, keep_data: bool = True
 ) -> os.stat_result:
     """Move every name in `paths` that still leads to inode `ino` to one private copy.
 
@@ -131,7 +131,7 @@ def break_links(
         root_fd: the guest root's directory fd.
         paths: the guest's link group: names that are one file to the guest.
         ino: the shared (store object) inode.
-        temp_names: makes the temporary name, recognisable as cowlink's later.
+        temps: one temporary name per path (TempNames: recognisable as cowlink's later).
         keep_data: False when the caller truncates to zero anyway.
 
     Returns:
@@ -160,9 +160,9 @@ def break_links(
         src = open_shared(names[0], ino)
         stack.callback(os.close, src)
         st = os.fstat(src)
-        temps: list[tuple[Where, bytes]] = []
+        made: list[tuple[Where, bytes]] = []
         first = names[0]
-        temp = temp_names.make()
+        temp = temps[0]
         dst = os.open(
             temp,
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -170,25 +170,32 @@ def break_links(
             dir_fd=first.dir_fd,
         )
         stack.callback(os.close, dst)
-        temps.append((first, temp))
+        made.append((first, temp))
         try:
             if keep_data:
                 copy_data(src, dst, st.st_size)
             copy_metadata(src, dst, st)
-            for where in names[1:]:
-                other = temp_names.make()
+            for where, other in zip(names[1:], temps[1:], strict=False):
                 os.link(temp, other, src_dir_fd=first.dir_fd, dst_dir_fd=where.dir_fd)
-                temps.append((where, other))
+                made.append((where, other))
             with names_changeable([src]):
-                while temps:
-                    where, name = temps[0]
+                while made:
+                    where, name = made[0]
                     os.rename(name, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
-                    temps.pop(0)
+                    made.pop(0)
         finally:
-            for where, name in temps:
+            for where, name in made:
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=where.dir_fd)
         return os.fstat(dst)
+
+
+def remove_leftovers(dir_fd: int, names: list[bytes]) -> None:
+    """Remove private copies a killed daemon left half made (never a link to the store:
+    those are immutable, and `cowlink unify` removes them)."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def unlink_shared(where: Where, ino: int) -> None:

@@ -9,6 +9,7 @@ is unmounted by fusermount3's auto_unmount watcher, so no hung mount is left beh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import resource
@@ -39,6 +40,20 @@ class MountOptions:
     secret: bytes
     writeback: bool = True
     ready_fd: int | None = None
+    run_dir: Path | None = None  # where the one-daemon-per-root lock lives
+
+
+class RootBusy(Exception):
+    """Another daemon serves this root: two would keep diverging views of its link groups."""
+
+
+def _lock_root(stack: contextlib.ExitStack, run_dir: Path, root: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
+    fd = os.open(run_dir / f"root-{tag}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    stack.callback(os.close, fd)
+    if not _linux.try_lock_inode(fd):
+        raise RootBusy(f"{root} is mounted by another cowlink daemon already")
 
 
 def fuse_options() -> set[str]:
@@ -62,6 +77,8 @@ def serve(options: MountOptions) -> None:
     """Mount, signal readiness on `ready_fd`, serve until unmounted; blocks."""
     _prepare_process()
     with contextlib.ExitStack() as stack:
+        if options.run_dir is not None:
+            _lock_root(stack, options.run_dir, options.root)
         index = None
         if options.catalogue is not None:
             catalogue = Catalogue.open(options.catalogue)

@@ -132,6 +132,7 @@ class CowlinkOperations(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
+        self._in_flight: set[bytes] = set()  # temporary names of breaks in progress
 
     def close(self) -> None:
         """Close every fd the table and handles hold (after unmounting)."""
@@ -273,16 +274,16 @@ class CowlinkOperations(pyfuse3.Operations):
             # A name of its own (no group) is taken wherever the guest has moved it since.
             paths = [self._path_of(node)] if share.group is None else self.index.paths(share)
             root_fd = self.table.root.dir_fd
-            st = await trio.to_thread.run_sync(
-                functools.partial(
-                    _cow.break_links,
-                    root_fd,
-                    paths,
-                    node.bino,
-                    self.temp_names,
-                    keep_data=keep_data,
+            temps = [self.temp_names.make() for _ in paths]
+            self._in_flight.update(temps)
+            try:
+                st = await trio.to_thread.run_sync(
+                    functools.partial(
+                        _cow.break_links, root_fd, paths, node.bino, temps, keep_data=keep_data
+                    )
                 )
-            )
+            finally:
+                self._in_flight.difference_update(temps)
             self.index.dropped(paths)
             old_key = node.key
             self.table.rekey(node, st.st_dev, st.st_ino, None)
@@ -728,11 +729,13 @@ class CowlinkOperations(pyfuse3.Operations):
             # (the inode number cannot serve: hardlinks repeat it in one directory). It
             # is kept until a name in the directory changes, which only we can do.
             if parent.listing is None:
-                parent.listing = [
-                    name
-                    for name in map(os.fsencode, os.listdir(handle.fd))
-                    if not self.temp_names.is_ours(name)  # a break in progress
-                ]
+                names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+                ours = [n for n in names if self.temp_names.is_ours(n)]
+                if ours:  # breaks in progress, or copies a killed daemon left
+                    leftovers = [n for n in ours if n not in self._in_flight]
+                    _cow.remove_leftovers(parent.dir_fd, leftovers)
+                    names = [n for n in names if n not in ours]
+                parent.listing = names
             handle.entries = parent.listing
         for index in range(start_id, len(handle.entries)):
             name = handle.entries[index]
