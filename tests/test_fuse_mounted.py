@@ -449,3 +449,30 @@ def test_one_daemon_per_root_and_leftover_copies_are_removed(
         assert "mounted by another cowlink daemon" in again.stderr
         assert sorted(os.listdir(mnt / "usr/share")) == ["a", "a2", "doc"]
     assert sorted(os.listdir(guests.roots["g1"] / "usr/share")) == ["a", "a2", "doc"]
+
+
+def test_readers_during_a_break_see_no_errors(guests: Guests, tmp_path: Path) -> None:
+    big = b"0123456789abcdef" * (1 << 18)  # 4 MiB: the copy takes a moment
+    for root in guests.roots.values():
+        (root / "usr/share/big").write_bytes(big)
+        os.utime(root / "usr/share/big", (1, 1))
+    cowlink(guests.home, "unify", "--no-default-excludes", *map(str, guests.roots.values()))
+    with mounted(guests.home, guests.roots["g1"], tmp_path / "mnt") as mnt:
+        target = mnt / "usr/share/big"
+        readers = subprocess.Popen(
+            ["sh", "-c", f"for i in $(seq 40); do stat -c %s {target} && head -c 16 {target}"
+             f" && echo; done"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(0.05)
+        with open(target, "r+b") as f:
+            f.write(b"X")
+        out, err = readers.communicate()
+        assert readers.returncode == 0, err
+        assert not err
+        assert set(out.split()) <= {
+            str(len(big)).encode(),
+            b"0123456789abcdef",
+            b"X123456789abcdef",
+        }

@@ -212,8 +212,24 @@ class CowlinkOperations(pyfuse3.Operations):
                 continue
             if (st.st_dev, st.st_ino) == (node.dev, node.bino):
                 return _cow.Where(parent.dir_fd, name)
+            if self._breaking(node):
+                # Mid-break a name may lead to the private copy already: same bytes,
+                # same metadata, and open handles are re-pointed once the break is done.
+                return _cow.Where(parent.dir_fd, name)
             node.names.discard((parent_ino, name))
         raise OSError(errno.ESTALE, "the file has no name left")
+
+    def _breaking(self, node: Node) -> bool:
+        lock = self.stats.locks.get(node.ino)
+        return lock is not None and lock.locked()
+
+    async def _settled(self, parent: Node, name: bytes) -> None:
+        """Wait until a break in progress on the file `name` leads to is over."""
+        node = self.table.entry(parent.ino, name)
+        lock = None if node is None else self.stats.locks.get(node.ino)
+        if lock is not None:
+            async with lock:
+                pass
 
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.is_dir:
@@ -235,7 +251,7 @@ class CowlinkOperations(pyfuse3.Operations):
                 return os.open(f"/proc/self/fd/{self._files[fh].fd}", flags)
             raise
         fd = os.open(where.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where.dir_fd)
-        if os.fstat(fd).st_ino != node.bino:
+        if os.fstat(fd).st_ino != node.bino and not self._breaking(node):
             os.close(fd)
             raise OSError(errno.ESTALE, "the name changed while being opened")
         return fd
@@ -486,6 +502,7 @@ class CowlinkOperations(pyfuse3.Operations):
     @_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.table.get(parent_inode)
+        await self._settled(parent, name)
         st, share = self._shared_at(parent, name)
         if share is not None and self.index is not None:
             path = self.table.child_path(parent, name)
@@ -520,6 +537,8 @@ class CowlinkOperations(pyfuse3.Operations):
     ) -> None:
         old_parent = self.table.get(parent_inode_old)
         new_parent = self.table.get(parent_inode_new)
+        await self._settled(old_parent, name_old)
+        await self._settled(new_parent, name_new)
         src_st, src_share = self._shared_at(old_parent, name_old)
         try:
             dst_st, dst_share = self._shared_at(new_parent, name_new)
