@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -96,7 +96,6 @@ class Stats:
     breaks: int = 0
     shared_unlinks: int = 0
     shared_renames: int = 0
-    locks: dict[int, trio.Lock] = field(default_factory=dict)
 
 
 class CowlinkOperations(pyfuse3.Operations):
@@ -133,6 +132,7 @@ class CowlinkOperations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._next_fh = 1
         self._in_flight: set[bytes] = set()  # temporary names of breaks in progress
+        self._breaks: dict[int, trio.Lock] = {}  # by FUSE inode, while a break may run
 
     def close(self) -> None:
         """Close every fd the table and handles hold (after unmounting)."""
@@ -220,13 +220,13 @@ class CowlinkOperations(pyfuse3.Operations):
         raise OSError(errno.ESTALE, "the file has no name left")
 
     def _breaking(self, node: Node) -> bool:
-        lock = self.stats.locks.get(node.ino)
+        lock = self._breaks.get(node.ino)
         return lock is not None and lock.locked()
 
     async def _settled(self, parent: Node, name: bytes) -> None:
         """Wait until a break in progress on the file `name` leads to is over."""
         node = self.table.entry(parent.ino, name)
-        lock = None if node is None else self.stats.locks.get(node.ino)
+        lock = None if node is None else self._breaks.get(node.ino)
         if lock is not None:
             async with lock:
                 pass
@@ -276,9 +276,9 @@ class CowlinkOperations(pyfuse3.Operations):
         return attr
 
     def _lock(self, node: Node) -> trio.Lock:
-        lock = self.stats.locks.get(node.ino)
+        lock = self._breaks.get(node.ino)
         if lock is None:
-            lock = self.stats.locks[node.ino] = trio.Lock()
+            lock = self._breaks[node.ino] = trio.Lock()
         return lock
 
     async def _break(self, node: Node, *, keep_data: bool = True) -> None:
@@ -311,7 +311,7 @@ class CowlinkOperations(pyfuse3.Operations):
                 # The same fd number now reads the copy: readers go on, seeing the same bytes.
                 os.dup2(fresh, handle.fd, inheritable=False)
                 os.close(fresh)
-        self.stats.locks.pop(node.ino, None)
+        self._breaks.pop(node.ino, None)
 
     def _path_of(self, node: Node) -> bytes:
         for parent_ino, name in node.names:
