@@ -123,6 +123,10 @@ def main() -> None:
     run("du", "-sh", "--total", *(str(DEMO_DIR / "home/guests" / g / "root") for g in GUESTS))
     say("a rerun from cron finds nothing new to do")
     cowlink("unify")
+    say("what each guest costs, and what unification saved")
+    cowlink("du", "--top", "5", "--html", str(DEMO_DIR / "du.html"))
+    print(f"(the same report as a web page: {DEMO_DIR / 'du.html'})")
+    run_a_guest(GUESTS[0])
     demo_mount()
 
 
@@ -155,6 +159,47 @@ def demo_mount() -> None:
         run("cmp", str(other / rel), str(DEMO_DIR / "pristine" / GUESTS[1] / rel))
     finally:
         cowlink("umount", str(mnt))
+
+
+GUEST_TOML = """\
+hostname = "{name}"
+
+[init]
+style = "services"
+services = [{{ start = "sleep infinity &" }}]
+
+[limits]
+memory_max = "256M"
+pids_max = 256
+cpu_quota = 50
+
+[network]
+mode = "none"
+"""
+
+
+def run_a_guest(name: str) -> None:
+    root = DEMO_DIR / "home/guests" / name / "root"
+    if not (root / "bin/sh").exists():
+        say(f"{name} is a generated tree with no programs in it: not started")
+        return
+    (root.parent / "guest.toml").write_text(GUEST_TOML.format(name=name))
+    say(f"start {name} in its own namespaces, with memory, CPU and process limits")
+    cowlink("guest", "start", name)
+    try:
+        cowlink(
+            "guest",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "hostname; head -1 /etc/os-release; echo processes it sees: /proc/[0-9]*",
+        )
+        cowlink("guest", "status", name)
+        cowlink("guest", "list")
+    finally:
+        cowlink("guest", "stop", name)
 
 
 if __name__ == "__main__":

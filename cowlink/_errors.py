@@ -8,6 +8,8 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
+EXIT_NOT_RUNNING = 3  # as VServer's `vserver NAME status`
+EXIT_MOUNT_FAILED = 39  # s3ql's code for "FUSE initialisation failed"
 
 
 class CowlinkError(Exception):
@@ -49,7 +51,33 @@ class Interrupted(CowlinkError):
 class MountFailed(CowlinkError):
     """The mount daemon could not mount, or a mount point could not be unmounted."""
 
-    exit_code = 39  # s3ql's code for "FUSE initialisation failed"
+    exit_code = EXIT_MOUNT_FAILED
+
+
+class GuestNotRunning(CowlinkError):
+    """The guest is not running (`guest status` and `stop` of a stopped guest exit 3)."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+class GuestRunning(CowlinkError):
+    """The guest is already running (or still stopping); stop it first."""
+
+
+class GuestStartFailed(CowlinkError):
+    """The guest did not come up; every step the start took has been undone."""
+
+
+class GuestBuildFailed(CowlinkError):
+    """debootstrap or the copy failed; the half-built guest was removed."""
+
+
+class CgroupError(CowlinkError):
+    """A guest's control group could not be created, limited or emptied."""
+
+
+class NetworkError(CowlinkError):
+    """A guest's network could not be set up."""
 
 
 @dataclass(frozen=True)

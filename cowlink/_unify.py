@@ -34,8 +34,11 @@ from typing import Any
 from . import _linux
 from ._catalogue import Catalogue
 from ._errors import (
+    EXIT_FATAL,
+    EXIT_LOCKED,
     EXIT_OK,
     EXIT_PROBLEMS,
+    CowlinkError,
     FlagsNotPermitted,
     Interrupted,
     NotSameFilesystem,
@@ -67,6 +70,7 @@ class UnifyOptions:
     default_excludes: bool = True
     allow_mutable: bool = False
     wait: bool = False
+    metrics_file: str | None = None
 
 
 @dataclass
@@ -138,12 +142,55 @@ class _Stop(Exception):
 def run_unify(home: Home, options: UnifyOptions, reporter: Reporter) -> UnifyReport:
     """Unify the given roots (or every guest of the home) and report what was done.
 
+    With `options.metrics_file`, the Prometheus metrics are written after the run, also
+    after one that failed, so that monitoring sees the failure.
+
     Raises:
         UsageError, NotSameFilesystem, FlagsNotPermitted: nothing was changed.
         LockHeld: another command holds the home's lock.
         Interrupted: SIGINT or SIGTERM stopped the run at a safe point.
     """
     started = time.monotonic()
+    report: UnifyReport | None = None
+    exit_code = EXIT_FATAL
+    try:
+        report = _run_unify(home, options, reporter, started)
+        exit_code = report.exit_code
+        return report
+    except CowlinkError as exc:
+        exit_code = exc.exit_code
+        raise
+    finally:
+        if options.metrics_file and not options.dry_run and exit_code != EXIT_LOCKED:
+            _write_metrics(home, options.metrics_file, started, report, exit_code, reporter)
+
+
+def _write_metrics(
+    home: Home,
+    path: str,
+    started: float,
+    report: UnifyReport | None,
+    exit_code: int,
+    reporter: Reporter,
+) -> None:
+    from ._metrics import LastUnify, write_metrics
+
+    duration = time.monotonic() - started
+    last = LastUnify(
+        timestamp_s=time.time(),
+        duration_s=report.duration_s if report else duration,
+        errors=len(report.errors) if report else 1,
+        exit_code=exit_code,
+    )
+    try:
+        write_metrics(home, path, last_unify=last)
+    except OSError as exc:
+        reporter.warning(f"cannot write metrics to {path}: {exc.strerror or exc}")
+
+
+def _run_unify(
+    home: Home, options: UnifyOptions, reporter: Reporter, started: float
+) -> UnifyReport:
     started_ns = time.time_ns()
     roots = _resolve_roots(home, options)
     _check_same_filesystem(home, roots)

@@ -527,3 +527,31 @@ def test_usage_errors_exit_2(home: Path, tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     assert cowlink(home, "unify", str(tmp_path / "r"), str(tmp_path / "r/..")).exit_code == 2
     assert cowlink(home, "unify", "--min-size", "-1").exit_code == 2
+
+
+def _metrics(path: Path) -> dict[str, float]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_after_a_run_and_after_a_failure(home: Path, tmp_path: Path) -> None:
+    make_guests(home, BIN)
+    prom = tmp_path / "textfile" / "cowlink.prom"
+    prom.parent.mkdir()
+
+    report = cowlink(home, "unify", "--json", "--metrics", str(prom)).json
+
+    values = _metrics(prom)
+    assert values["cowlink_last_unify_errors"] == 0
+    assert values["cowlink_last_unify_duration_seconds"] >= 0
+    assert values["cowlink_store_objects"] == 3
+    assert values["cowlink_saved_bytes"] >= report["bytes_saved"]
+    assert [p.name for p in prom.parent.iterdir()] == ["cowlink.prom"]  # no temporary left
+
+    result = cowlink(home, "unify", "--metrics", str(prom), "/nonexistent")
+    assert result.exit_code == 2
+    assert _metrics(prom)["cowlink_last_unify_errors"] == 1

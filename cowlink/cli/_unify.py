@@ -56,6 +56,13 @@ from ._output import Console
 )
 @click.option("--wait", is_flag=True, help="Wait for another run to finish instead of exit 75.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
+@click.option(
+    "--metrics",
+    "metrics_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="After the run, write Prometheus metrics to FILE (node_exporter textfile).",
+)
 @click.option("-v", "--verbose", count=True, help="List each action with its reason.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")
 @click.pass_obj
@@ -72,6 +79,7 @@ def unify(
     allow_mutable: bool,
     wait: bool,
     as_json: bool,
+    metrics_file: str | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -92,6 +100,7 @@ def unify(
         default_excludes=not no_default_excludes,
         allow_mutable=allow_mutable,
         wait=wait,
+        metrics_file=metrics_file,
     )
     report = run_unify(home, options, console)
     if as_json:
