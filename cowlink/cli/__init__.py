@@ -22,6 +22,8 @@ from .._home import Home
 _COMMANDS = {
     "du": "._du:du",
     "guest": "._guest:guest",
+    "mount": "._mount:mount",
+    "umount": "._mount:umount",
     "unify": "._unify:unify",
 }
 
