@@ -142,6 +142,8 @@ def unmount(home: Home, mountpoint: str) -> None:
         MountFailed: nothing is mounted there, or it could not be unmounted.
     """
     if not is_mounted(mountpoint):
+        with contextlib.suppress(OSError):
+            _pid_file(home, mountpoint).unlink()  # a daemon that died left its record
         raise MountFailed(f"{mountpoint}: not mounted")
     attempts = [["fusermount3", "-u"], ["fusermount3", "-u", "-z"], ["umount", "-l"]]
     for cmd in attempts:

@@ -50,16 +50,31 @@ class RootBusy(Exception):
 def _lock_root(stack: contextlib.ExitStack, run_dir: Path, root: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tag = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
-    fd = os.open(run_dir / f"root-{tag}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = run_dir / f"root-{tag}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not _linux.try_lock_inode(fd):
+            os.close(fd)
+            raise RootBusy(f"{root} is mounted by another cowlink daemon already")
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # a daemon that was leaving removed the file we locked: lock anew
     stack.callback(os.close, fd)
-    if not _linux.try_lock_inode(fd):
-        raise RootBusy(f"{root} is mounted by another cowlink daemon already")
+    # Removed while still locked, so a stopped daemon leaves nothing in HOME/run.
+    stack.callback(path.unlink, missing_ok=True)
 
 
 def fuse_options() -> set[str]:
     """Mount options: fuse-overlayfs and s3ql practice (see research/fuse.md §5)."""
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     opts |= {"fsname=cowlink", "subtype=cowlink", "allow_other", "auto_unmount"}
+    # A guest boots on this mount: su, passwd and ping need their setuid bits. Device
+    # nodes stay inert (nodev, libfuse's default); guests get their own /dev.
+    opts.add("suid")
     return opts
 
 
