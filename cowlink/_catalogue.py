@@ -106,7 +106,9 @@ class Catalogue:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN")
+        # IMMEDIATE: take the write lock up front, so busy_timeout applies; a deferred
+        # transaction that reads, then writes, fails at once when a mount daemon writes too.
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:

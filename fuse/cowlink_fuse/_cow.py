@@ -70,8 +70,6 @@ def names_changeable(fds: list[int]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         # Always in inode order, so two cowlink processes cannot deadlock on a pair.
         for fd in sorted(fds, key=lambda f: os.fstat(f).st_ino):
-            _linux.lock_inode(fd)
-            stack.callback(_linux.unlock_inode, fd)
             stack.enter_context(thawed(fd))
         yield
 
