@@ -66,7 +66,12 @@ class LinkKey:
 
 def read_xattrs(fd: int) -> tuple[tuple[str, bytes], ...]:
     """Every extended attribute of the open file, sorted: security.*, system.*, trusted.*, user.*"""
-    names = os.listxattr(fd)
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return ()  # a filesystem without extended attributes: none to match
+        raise
     return tuple(sorted((name, os.getxattr(fd, name)) for name in names))
 
 
