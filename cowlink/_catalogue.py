@@ -106,7 +106,9 @@ class Catalogue:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN")
+        # IMMEDIATE: take the write lock up front, so busy_timeout applies; a deferred
+        # transaction that reads, then writes, fails at once when a mount daemon writes too.
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
@@ -255,6 +257,33 @@ class Catalogue:
             self._db.execute(
                 "UPDATE names SET path = ? WHERE root = ? AND path = ?", (moved, root, path)
             )
+
+    def sync_names(self, root: str, linked: Iterable[bytes]) -> list[bytes]:
+        """Drop the records of names no longer linked; return linked names with no record.
+
+        Done inside SQLite, so a rerun over millions of linked names needs no set of them
+        in Python.
+        """
+        with self.transaction():
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS linked(path BLOB PRIMARY KEY)")
+            self._db.execute("DELETE FROM linked")
+            self._db.executemany(
+                "INSERT OR IGNORE INTO linked VALUES (?)", ((path,) for path in linked)
+            )
+            self._db.execute(
+                "DELETE FROM names WHERE root = ? AND path NOT IN (SELECT path FROM linked)",
+                (root,),
+            )
+            missing = [
+                bytes(row[0])
+                for row in self._db.execute(
+                    "SELECT path FROM linked WHERE path NOT IN"
+                    " (SELECT path FROM names WHERE root = ?) ORDER BY path",
+                    (root,),
+                )
+            ]
+            self._db.execute("DELETE FROM linked")
+        return missing
 
     def roots(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT root FROM names")]

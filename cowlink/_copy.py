@@ -168,7 +168,7 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         OSError: ENOSPC and friends; also EIO when the source is shorter than `size`.
     """
     try:
-        _linux.clone_file(dst_fd, src_fd)
+        _linux.clone_file(src_fd, dst_fd)
         return
     except OSError as exc:
         if not _linux.clone_unsupported(exc):

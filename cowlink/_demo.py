@@ -1,4 +1,4 @@
-"""`make demo`: two small guests in a scratch home, unified, with what it saved.
+"""`make demo`: two small guests in a scratch home, unified, with what it saved, then mounted.
 
 The guests are Debian minbase trees built with debootstrap when a Debian mirror is
 reachable, or generated trees otherwise. Pristine trees are kept beside the scratch home
@@ -127,6 +127,38 @@ def main() -> None:
     cowlink("du", "--top", "5", "--html", str(DEMO_DIR / "du.html"))
     print(f"(the same report as a web page: {DEMO_DIR / 'du.html'})")
     run_a_guest(GUESTS[0])
+    demo_mount()
+
+
+def shared_file(root: Path) -> Path | None:
+    """A text file of the guest linked to the store and the other guest (3+ links)."""
+    for pattern in ("usr/share/doc/*/copyright", "usr/*/*/*", "**/*"):
+        for path in sorted(root.glob(pattern)):
+            if path.is_file() and not path.is_symlink() and path.lstat().st_nlink > 2:
+                return path
+    return None
+
+
+def demo_mount() -> None:
+    home = DEMO_DIR / "home"
+    guest, other = (home / "guests" / g / "root" for g in GUESTS)
+    target = shared_file(guest)
+    if target is None:
+        return
+    rel = target.relative_to(guest)
+    mnt = DEMO_DIR / "mnt"
+    mnt.mkdir(exist_ok=True)
+    say(f"mount {GUESTS[0]} copy-on-write and append to a shared file through it")
+    cowlink("mount", "--guest", GUESTS[0], str(mnt))
+    try:
+        run("stat", "-c", "%n: inode %i, %h links", str(target), str(other / rel))
+        run("sh", "-c", f"echo 'changed in {GUESTS[0]}' >> '{mnt / rel}'")
+        say("the guest has its own copy now; the other guest and the store are unchanged")
+        run("tail", "-c", "40", str(mnt / rel))
+        run("stat", "-c", "%n: inode %i, %h links", str(target), str(other / rel))
+        run("cmp", str(other / rel), str(DEMO_DIR / "pristine" / GUESTS[1] / rel))
+    finally:
+        cowlink("umount", str(mnt))
 
 
 GUEST_TOML = """\

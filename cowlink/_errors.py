@@ -13,6 +13,7 @@ EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
 EXIT_NOT_RUNNING = 3  # as VServer's `vserver NAME status`
+EXIT_MOUNT_FAILED = 39  # s3ql's code for "FUSE initialisation failed"
 
 
 class CowlinkError(Exception):
@@ -49,6 +50,12 @@ class Interrupted(CowlinkError):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}; every path is intact")
         self.exit_code = 128 + signum
+
+
+class MountFailed(CowlinkError):
+    """The mount daemon could not mount, or a mount point could not be unmounted."""
+
+    exit_code = EXIT_MOUNT_FAILED
 
 
 class GuestNotRunning(CowlinkError):

@@ -1,39 +1,39 @@
-"""The seam where a guest's root is mounted for `guest start`: the tree to pivot onto.
+"""The guest's root for `guest start`: its tree as the copy-on-write mount shows it.
 
-The design pivots onto the guest's root "as the copy-on-write mount shows it" (the FUSE
-layer of `cowlink mount`). Until that is wired in, the root is a private bind mount of
-HOME/guests/NAME/root; swapping the body of `mount_guest_root` is the whole change.
+The monitor starts a `cowlink mount` daemon on HOME/run/NAME/root (in the host's mount
+namespace, outside the guest's cgroups, so the guest can neither kill nor starve it);
+the guest's init receives a copy of that mount in its own namespace and pivots onto it.
+A write to a shared file therefore gives the guest a private copy, as VServer's kernel
+did, instead of failing on the immutable flag.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _linux
+from ._home import Home
+from ._mounting import MountRequest, is_mounted, mount_background, unmount
 
 
-def mount_guest_root(guest_root: Path, mount_point: Path) -> Callable[[], None]:
-    """Show `guest_root` at `mount_point` (an empty directory); returns the teardown.
+def mount_guest_root(home: Home, name: str, mount_point: Path) -> Callable[[], None]:
+    """Mount guest `name`'s root at `mount_point` through the FUSE layer; returns the teardown.
 
-    Runs in the monitor, in the host's mount namespace; the init's own namespace later
-    receives a copy of this mount and pivots onto it.
+    Raises:
+        MountFailed: the daemon could not mount it (its log says why).
     """
     mount_point.mkdir(mode=0o700, exist_ok=True)
-    target = os.fspath(mount_point)
-    _linux.mount(os.fspath(guest_root), target, None, _linux.MS_BIND | _linux.MS_REC)
-    try:
-        _linux.mount(None, target, None, _linux.MS_REC | _linux.MS_PRIVATE)
-    except BaseException:
-        _linux.umount2(target, _linux.MNT_DETACH)
-        raise
+    request = MountRequest(root=str(home.guest_root(name)), mountpoint=str(mount_point), name=name)
+    mount_background(home, request)
 
-    def teardown() -> None:
-        with contextlib.suppress(OSError):
-            _linux.umount2(target, _linux.MNT_DETACH)
-        with contextlib.suppress(OSError):
-            mount_point.rmdir()
+    return lambda: unmount_guest_root(home, mount_point)
 
-    return teardown
+
+def unmount_guest_root(home: Home, mount_point: Path) -> None:
+    """Unmount a guest's root and let its daemon go; idempotent, also after a crash."""
+    if is_mounted(str(mount_point)):
+        with contextlib.suppress(Exception):
+            unmount(home, str(mount_point))
+    with contextlib.suppress(OSError):
+        mount_point.rmdir()

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _guestconf, _guestnet, _linux, _monitor
+from . import _guestconf, _guestnet, _monitor
 from ._cgroups import GuestCgroups
 from ._context import INIT_NAME, resolve_in_root
 from ._errors import GuestNotRunning, GuestRunning, GuestStartFailed, UsageError
 from ._guestconf import GuestConfig
 from ._guestexec import run_in_guest
+from ._guestroot import unmount_guest_root
 from ._gueststate import (
     GuestState,
     is_locked,
@@ -79,8 +80,7 @@ def cleanup_leftovers(home: Home, name: str, state: GuestState | None) -> None:
         if state.veth:
             _guestnet.delete_veth(state.veth)
         if state.rootfs:
-            with contextlib.suppress(OSError):
-                _linux.umount2(state.rootfs, _linux.MNT_DETACH)
+            unmount_guest_root(home, Path(state.rootfs))
     remove_state_dir(home, name)
 
 

@@ -145,6 +145,40 @@ def mount_point_of(path: str) -> str:
     return best
 
 
+# -- copy-on-write support (cowlink_fuse) ----------------------------------------------
+
+FICLONE = 0x40049409
+
+
+def clone_file(src_fd: int, dst_fd: int) -> None:
+    """Make `dst_fd` share `src_fd`'s data blocks (a reflink); OSError where unsupported."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+def lock_inode(fd: int) -> None:
+    """Take an exclusive flock on the inode behind `fd` (any open mode), waiting for it.
+
+    cowlink processes that clear and set an object's immutable flag serialise on this,
+    so one never sets the flag again while another still needs it cleared.
+    """
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def unlock_inode(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def try_lock_inode(fd: int) -> bool:
+    """Take an exclusive flock without waiting; False when another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
 # --- Context launcher: namespaces, mounts, capabilities, seccomp (used by _context) ---------
 #
 # Python 3.11 lacks os.unshare/os.setns (new in 3.12), so these go through libc; pivot_root
@@ -559,13 +593,6 @@ MAX_FD = max(os.sysconf("SC_OPEN_MAX"), 1024)
 
 
 # -- private copies (split, copy-on-write) ---------------------------------------------
-
-FICLONE = 0x40049409  # _IOW(0x94, 9, int)
-
-
-def clone_file(dst_fd: int, src_fd: int) -> None:
-    """Share all of `src_fd`'s extents with `dst_fd` (a reflink); OSError where unsupported."""
-    fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
 def clone_unsupported(exc: OSError) -> bool:

@@ -133,7 +133,7 @@ class _Monitor:
                 network=config.network.mode,
             )
             rootfs = sdir / "root"
-            stack.callback(mount_guest_root(home.guest_root(name), rootfs))
+            stack.callback(mount_guest_root(home, name, rootfs))
             state.rootfs = os.fspath(rootfs)
             write_state(home, state)  # from here on, a dead monitor leaves a findable trace
 

@@ -55,11 +55,11 @@ from ._home import Home
 from ._linker import Reporter
 from ._store import InUseForWriting, TempNames, read_xattrs, thawed
 from ._storeindex import StoreIndex
-from ._walk import DirChanged, DirOpener, Observer, Tree, walk
+from ._walk import DirChanged, DirOpener, FdCache, Observer, Tree, walk
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: Copies made before one syncfs makes them durable and they replace their names.
-_BATCH_FILES = 256
+_BATCH_FILES = 100  # each holds up to three fds (object, copy, directory) until renamed
 _BATCH_BYTES = 64 << 20
 
 
@@ -123,6 +123,7 @@ class _Prepared:
     group: _Group
     refs: list[NameRef]
     src_fd: int
+    dir_fds: list[int] = field(default_factory=list)  # ours: dups of the opener's
     copy_fd: int | None = None
     temp: NameRef | None = None
 
@@ -131,12 +132,13 @@ class _Prepared:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp.name, dir_fd=self.temp.dir_fd)
             self.temp = None
-        for fd in (self.src_fd, self.copy_fd):
-            if fd is not None:
+        for fd in (self.src_fd, self.copy_fd, *self.dir_fds):
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.copy_fd = None
         self.src_fd = -1
+        self.dir_fds = []
 
 
 def _same_file(src_fd: int, copy_fd: int) -> bool:
@@ -282,8 +284,9 @@ class _Split:
                 is_temp_name=self.temp_names.is_ours,
                 observer=_Quiet(self.report, self.reporter, self.root),
             )
-            opener = DirOpener(tree, root_fd)
-            stack.callback(opener.close)
+            cache = FdCache()
+            stack.callback(cache.close)
+            opener = DirOpener(tree, root_fd, cache)
             stack.callback(self._flush)
             groups = self._groups(tree, paths)
             if dry:
@@ -345,7 +348,9 @@ class _Split:
         members: dict[int, list[bytes]] = defaultdict(list)
         for path_grp in recorded.items():
             members[path_grp[1]].append(path_grp[0])
-        for dir_index, name, ino in tree.linked:
+        linked = tree.linked
+        for i in range(len(linked)):
+            dir_index, name, ino = linked.dir[i], linked.name(i), linked.ino[i]
             path = os.fsencode(tree.path_of(dir_index, name))
             by_path[path] = (dir_index, name, ino)
         for path, (dir_index, name, ino) in by_path.items():
@@ -408,9 +413,20 @@ class _Split:
         display = self._display(tree, group)
         prepared: _Prepared | None = None
         try:
-            refs = [NameRef(opener.open(d), os.fsencode(n)) for d, n in group.names]
-            src_fd = os.open(refs[0].name, OPEN_FLAGS, dir_fd=refs[0].dir_fd)
-            prepared = _Prepared(group, refs, src_fd)
+            # The opener's fds belong to its cache, which may close them at its next open;
+            # a batch holds its directories until the renames, so it keeps its own.
+            dirs: dict[int, int] = {}
+            try:
+                for d, _ in group.names:
+                    if d not in dirs:
+                        dirs[d] = os.dup(opener.open(d))
+                refs = [NameRef(dirs[d], os.fsencode(n)) for d, n in group.names]
+                src_fd = os.open(refs[0].name, OPEN_FLAGS, dir_fd=refs[0].dir_fd)
+            except BaseException:
+                for fd in dirs.values():
+                    os.close(fd)
+                raise
+            prepared = _Prepared(group, refs, src_fd, dir_fds=list(dirs.values()))
             st = os.fstat(src_fd)
             if st.st_ino != group.ino:
                 raise DirChanged(errno.ESTALE, "changed during the run")

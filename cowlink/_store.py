@@ -66,7 +66,12 @@ class LinkKey:
 
 def read_xattrs(fd: int) -> tuple[tuple[str, bytes], ...]:
     """Every extended attribute of the open file, sorted: security.*, system.*, trusted.*, user.*"""
-    names = os.listxattr(fd)
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return ()  # a filesystem without extended attributes: none to match
+        raise
     return tuple(sorted((name, os.getxattr(fd, name)) for name in names))
 
 
@@ -141,9 +146,23 @@ def thawed(fd: int, *, lease: bool = True) -> Iterator[None]:
     when we let it go, and the kernel refuses its writes. So the content is never
     writable, even for a moment. Pass lease=False when the caller already holds one.
 
+    An flock on the inode keeps two cowlink processes (unify, split, a mount daemon) from
+    thawing it at once, where one could set the flag back while the other still needs it
+    clear. Callers thawing several inodes take them in inode order.
+
     Raises:
         InUseForWriting: someone has the inode open for writing.
     """
+    _linux.lock_inode(fd)
+    try:
+        with _thawed_locked(fd, lease=lease):
+            yield
+    finally:
+        _linux.unlock_inode(fd)
+
+
+@contextmanager
+def _thawed_locked(fd: int, *, lease: bool) -> Iterator[None]:
     if lease:
         try:
             _linux.take_read_lease(fd)

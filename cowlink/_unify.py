@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import stat
 import time
-from collections import defaultdict
+from array import array
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -52,11 +54,14 @@ from ._home import Home
 from ._linker import Candidate, Changed, Counters, Linker, Reporter, TreeFiles
 from ._store import LinkKey, TempNames, read_xattrs
 from ._storeindex import StoreIndex
-from ._walk import DirOpener, FileRec, Observer, Tree, walk
+from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
 _RACY_NS = 2_000_000_000
+#: Candidates of a size class are kept as tree index << _TREE_SHIFT | file index.
+_TREE_SHIFT = 40
+_FILE_MASK = (1 << _TREE_SHIFT) - 1
 
 
 @dataclass
@@ -229,6 +234,13 @@ def _run_unify(
     return report
 
 
+def _raise_open_file_limit() -> None:
+    """Each root stays open for the whole run: hundreds of guests outgrow cron's 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _resolve_roots(home: Home, options: UnifyOptions) -> list[_Root]:
     def rules_for(guest: str | None) -> Rules:
         return Rules.build(
@@ -363,6 +375,9 @@ class _Engine:
             self.index.load(recover=not self.dry_run, problem=self.problem)
             if not self.dry_run:
                 self.catalogue.set_meta("dirty", "1")
+            _raise_open_file_limit()
+            dir_fds = FdCache()
+            stack.callback(dir_fds.close)
             for root in roots:
                 fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 stack.callback(os.close, fd)
@@ -377,9 +392,7 @@ class _Engine:
                     observer=_WalkObserver(self),
                 )
                 self.trees.append(tree)
-                opener = DirOpener(tree, fd)
-                stack.callback(opener.close)
-                self.openers.append(opener)
+                self.openers.append(DirOpener(tree, fd, dir_fds))
             self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
             self.report.files_scanned = sum(t.regular_files for t in self.trees)
             self.report.already_linked = sum(len(t.linked) for t in self.trees)
@@ -447,41 +460,42 @@ class _Engine:
     def _reconcile_names(self) -> None:
         """Bring the link-group records in line with the names linked to objects now."""
         for tree in self.trees:
-            recorded = self.catalogue.names(tree.root)
-            current = {os.fsencode(tree.path_of(d, name)) for d, name, _ in tree.linked}
-            self.batch.drop_names(tree.root, set(recorded) - current)
+            linked = tree.linked
+            paths = (
+                os.fsencode(tree.path_of(linked.dir[i], linked.name(i))) for i in range(len(linked))
+            )
+            missing = self.catalogue.sync_names(tree.root, paths)
             # A name with no record lost its group (catalogue rebuilt, or linked outside
             # cowlink): it is safest treated as a file of its own.
-            missing = sorted(current - set(recorded))
             self.batch.put_names(tree.root, [(path, self.batch.new_group()) for path in missing])
         self.batch.flush()
 
     # -- candidates ---------------------------------------------------------------------
 
     def _unify_candidates(self) -> None:
-        nodes: dict[tuple[int, int], Candidate] = {}
+        # Only sizes that occur twice (counting store objects) can hold a duplicate; the
+        # rest of the files are never looked at again.
+        counts: Counter[int] = Counter()
+        for tree in self.trees:
+            counts.update(tree.files.size)
+        for size, rows in self.index.by_size.items():
+            counts[size] += len(rows)
+        wanted = {size for size, count in counts.items() if count > 1}
+        del counts
+        buckets: dict[int, array[int]] = {}
         for tree_index, tree in enumerate(self.trees):
-            for rec in tree.files:
-                node = nodes.get((tree.dev, rec.ino))
-                if node is None:
-                    nodes[(tree.dev, rec.ino)] = Candidate(rec, [(tree_index, rec)])
-                else:
-                    node.names.append((tree_index, rec))
-        by_size: dict[int, list[Candidate]] = defaultdict(list)
-        for node in nodes.values():
-            by_size[node.rec.size].append(node)
-        del nodes
-        sizes = sorted(
-            (
-                s
-                for s, group in by_size.items()
-                if len(group) + len(self.index.by_size.get(s, ())) > 1
-            ),
-            reverse=True,
-        )
-        for size in sizes:
+            sizes = tree.files.size
+            for i in range(len(sizes)):
+                size = sizes[i]
+                if size in wanted:
+                    bucket = buckets.get(size)
+                    if bucket is None:
+                        bucket = buckets[size] = array("Q")
+                    bucket.append(tree_index << _TREE_SHIFT | i)
+        del wanted
+        for size in sorted(buckets, reverse=True):
             self.checkpoint()
-            for full, members in self._content_groups(size, by_size.pop(size)):
+            for full, members in self._content_groups(size, self._candidates(buckets.pop(size))):
                 for group in self._key_groups(members):
                     if self.linker is not None:
                         self.linker.link_group(size, full, group)
@@ -490,6 +504,20 @@ class _Engine:
                     self.checkpoint()
             if len(self.batch) > 5000:
                 self.batch.flush()
+
+    def _candidates(self, codes: array[int]) -> list[Candidate]:
+        """One Candidate per inode of a size class, with all the names the walk saw."""
+        nodes: dict[tuple[int, int], Candidate] = {}
+        for code in codes:
+            tree_index, i = code >> _TREE_SHIFT, code & _FILE_MASK
+            tree = self.trees[tree_index]
+            rec = tree.files.rec(i)
+            node = nodes.get((tree.dev, rec.ino))
+            if node is None:
+                nodes[(tree.dev, rec.ino)] = Candidate(rec, [(tree_index, rec)])
+            else:
+                node.names.append((tree_index, rec))
+        return list(nodes.values())
 
     def _content_groups(
         self, size: int, nodes: list[Candidate]

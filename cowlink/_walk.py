@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,64 @@ def same_stat(rec: FileRec, st: os.stat_result) -> bool:
     )
 
 
+class FileTable:
+    """Regular files as the walk saw them, kept column by column.
+
+    A FileRec per file costs ~400 bytes in Python; these columns cost ~70 plus the name,
+    which is what lets one run hold millions of files. `rec(i)` makes a FileRec on demand.
+    """
+
+    def __init__(self) -> None:
+        self.dir = array("I")
+        self.ino = array("Q")
+        self.size = array("Q")
+        self.mtime_ns = array("q")
+        self.ctime_ns = array("q")
+        self.mode = array("I")
+        self.uid = array("I")
+        self.gid = array("I")
+        self.nlink = array("I")
+        self.blocks = array("Q")
+        self._names = bytearray()
+        self._name_ends = array("Q")
+
+    def __len__(self) -> int:
+        return len(self.ino)
+
+    def append(self, dir_index: int, name: str, st: os.stat_result) -> None:
+        self.dir.append(dir_index)
+        self.ino.append(st.st_ino)
+        self.size.append(st.st_size)
+        self.mtime_ns.append(st.st_mtime_ns)
+        self.ctime_ns.append(st.st_ctime_ns)
+        self.mode.append(st.st_mode)
+        self.uid.append(st.st_uid)
+        self.gid.append(st.st_gid)
+        self.nlink.append(st.st_nlink)
+        self.blocks.append(st.st_blocks)
+        self._names += os.fsencode(name)
+        self._name_ends.append(len(self._names))
+
+    def name(self, i: int) -> str:
+        start = self._name_ends[i - 1] if i else 0
+        return os.fsdecode(bytes(self._names[start : self._name_ends[i]]))
+
+    def rec(self, i: int) -> FileRec:
+        return FileRec(
+            self.dir[i],
+            self.name(i),
+            self.ino[i],
+            self.size[i],
+            self.mtime_ns[i],
+            self.ctime_ns[i],
+            self.mode[i],
+            self.uid[i],
+            self.gid[i],
+            self.nlink[i],
+            self.blocks[i],
+        )
+
+
 @dataclass
 class Tree:
     """What one walk found in one root."""
@@ -71,9 +130,10 @@ class Tree:
     root: str
     dev: int
     dirs: list[Dir] = field(default_factory=list)
-    files: list[FileRec] = field(default_factory=list)
-    #: Names whose inode is a store object: (dir, name, ino).
-    linked: list[tuple[int, str, int]] = field(default_factory=list)
+    #: Candidates: regular files, included, large enough, not yet store objects.
+    files: FileTable = field(default_factory=FileTable)
+    #: Names whose inode is a store object.
+    linked: FileTable = field(default_factory=FileTable)
     #: cowlink's own temporary names left by an interrupted run: (dir, name, ino).
     leftovers: list[tuple[int, str, int]] = field(default_factory=list)
     regular_files: int = 0
@@ -175,7 +235,7 @@ def walk(
             if is_temp_name(os.fsencode(name)):
                 tree.leftovers.append((index, name, st.st_ino))
             else:
-                tree.linked.append((index, name, st.st_ino))
+                tree.linked.append(index, name, st)
             continue
         if st.st_size < min_size:
             continue
@@ -183,44 +243,62 @@ def walk(
         if verdict is not Verdict.INCLUDE:
             observer.skipped(path, "excluded" if verdict is Verdict.EXCLUDE else "skipped")
             continue
-        tree.files.append(
-            FileRec(
-                index,
-                name,
-                st.st_ino,
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-                mode,
-                st.st_uid,
-                st.st_gid,
-                st.st_nlink,
-                st.st_blocks,
-            )
-        )
+        tree.files.append(index, name, st)
     return tree
 
 
-class DirOpener:
-    """Reopens the walk's directories by their recorded chain, verifying each step."""
+class FdCache:
+    """Directory fds kept open for reuse, least recently used first out.
 
-    def __init__(self, tree: Tree, root_fd: int, capacity: int = 256) -> None:
-        self._tree = tree
-        self._root_fd = root_fd
-        self._cache: OrderedDict[int, int] = OrderedDict()
+    One cache serves every tree of a run, so a run over hundreds of guests stays far below
+    the open-file limit however many directories it reopens.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
 
+    def get(self, key: tuple[int, int]) -> int | None:
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+        return fd
+
+    def put(self, key: tuple[int, int], fd: int) -> None:
+        self._fds[key] = fd
+        while len(self._fds) > self._capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class DirOpener:
+    """Reopens the walk's directories by their recorded chain, verifying each step.
+
+    An fd it returns belongs to its cache: use it at once, before the next open() call
+    (which may close it), and never close it yourself.
+    """
+
+    def __init__(self, tree: Tree, root_fd: int, cache: FdCache) -> None:
+        self._tree = tree
+        self._root_fd = root_fd
+        self._cache = cache
+        self._id = id(self)
+
     def open(self, index: int) -> int:
-        """An fd for directory `index`, owned by the opener (do not close it).
+        """An fd for directory `index`.
 
         Raises:
             DirChanged: some directory on the chain is no longer the one the walk saw.
         """
         if index == 0:
             return self._root_fd
-        fd = self._cache.get(index)
+        fd = self._cache.get((self._id, index))
         if fd is not None:
-            self._cache.move_to_end(index)
             return fd
         entry = self._tree.dirs[index]
         parent_fd = self.open(entry.parent)
@@ -232,13 +310,5 @@ class DirOpener:
         if (st.st_dev, st.st_ino) != (self._tree.dev, entry.ino):
             os.close(fd)
             raise DirChanged(errno.ESTALE, f"{entry.path}: directory was replaced")
-        self._cache[index] = fd
-        if len(self._cache) > self._capacity:
-            _, old = self._cache.popitem(last=False)
-            os.close(old)
+        self._cache.put((self._id, index), fd)
         return fd
-
-    def close(self) -> None:
-        for fd in self._cache.values():
-            os.close(fd)
-        self._cache.clear()

@@ -156,15 +156,22 @@ def clear_immutable_tree(root: str | Path) -> None:
 @contextlib.contextmanager
 def loop_ext4(size_mb: int, workdir: Path, *, inodes: int | None = None) -> Iterator[Path]:
     """A fresh ext4 filesystem on a loop device, mounted under `workdir`; always torn down."""
+    mkfs = ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"]
+    if inodes:
+        mkfs += ["-N", str(inodes)]
+    with loop_fs(size_mb, workdir, mkfs) as mnt:
+        yield mnt
+
+
+@contextlib.contextmanager
+def loop_fs(size_mb: int, workdir: Path, mkfs: list[str]) -> Iterator[Path]:
+    """A filesystem made by `mkfs` on a loop device, mounted under `workdir`; always torn down."""
     image = workdir / "fs.img"
     mnt = workdir / "mnt"
     mnt.mkdir()
     with open(image, "wb") as f:
         f.truncate(size_mb << 20)
-    mkfs = ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"]
-    if inodes:
-        mkfs += ["-N", str(inodes)]
-    subprocess.run([*mkfs, str(image)], check=True)
+    subprocess.run([*mkfs, str(image)], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
         yield mnt

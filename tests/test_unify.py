@@ -555,3 +555,29 @@ def test_metrics_after_a_run_and_after_a_failure(home: Path, tmp_path: Path) -> 
     result = cowlink(home, "unify", "--metrics", str(prom), "/nonexistent")
     assert result.exit_code == 2
     assert _metrics(prom)["cowlink_last_unify_errors"] == 1
+
+
+def test_filesystem_without_flags_warns_and_links_nothing(tmp_path: Path) -> None:
+    mnt = tmp_path / "ramfs"  # ramfs keeps no inode flags at all
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        home = mnt / "home"
+        a, b = make_guests(home, {"usr/lib/x": b"x" * 3000})
+        before = manifest(a)
+
+        result = cowlink(home, "unify", "--json")
+
+        assert result.exit_code == 1
+        assert "does not support the immutable flag" in result.stderr
+        assert result.json["files_linked"] == 0
+        assert not same_inode(a / "usr/lib/x", b / "usr/lib/x")
+        assert_same_manifest(before, a)
+
+        result = cowlink(home, "unify", "--json", "--allow-mutable")
+
+        assert result.exit_code == 0
+        assert result.json["files_linked"] == 1
+        assert same_inode(a / "usr/lib/x", b / "usr/lib/x")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -23,9 +23,11 @@ _COMMANDS = {
     "du": "._du:du",
     "gc": "._gc:gc",
     "guest": "._guest:guest",
+    "mount": "._mount:mount",
     "remove": "._remove:remove",
     "split": "._split:split",
     "status": "._status:status",
+    "umount": "._mount:umount",
     "unify": "._unify:unify",
     "verify": "._verify:verify",
 }
