@@ -1,0 +1,1 @@
+"""Benchmarks: cowlink against the tools hosting operators compare it with."""

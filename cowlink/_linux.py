@@ -83,9 +83,7 @@ def link_fd(fd: int, dir_fd: int, name: bytes) -> None:
     _check(_libc.linkat(fd, b"", dir_fd, name, AT_EMPTY_PATH), "linkat")
 
 
-def rename_at(
-    src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: int = 0
-) -> None:
+def rename_at(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: int = 0) -> None:
     """renameat2(2): with RENAME_NOREPLACE or RENAME_EXCHANGE where `flags` asks for them."""
     if flags == 0:
         os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)

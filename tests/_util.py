@@ -75,7 +75,7 @@ def need_fuse() -> None:
     )
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | bytes | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -41,7 +41,9 @@ def main(ctx: click.Context, home_path: str | None) -> None:
 
 def _register() -> None:
     # One import per command module; each module defines one click command or group.
-    pass
+    from ._unify import unify
+
+    main.add_command(unify)
 
 
 _register()

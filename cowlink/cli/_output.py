@@ -7,6 +7,7 @@ when stderr is a terminal, so cron mail stays clean.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -49,7 +50,7 @@ class Console:
         if now - self._last_draw < 0.1:
             return
         self._last_draw = now
-        width = max(20, click.get_terminal_size()[0] - 1)
+        width = max(20, shutil.get_terminal_size().columns - 1)
         sys.stderr.write("\r" + text[:width].ljust(width))
         sys.stderr.flush()
         self._progress_shown = True

@@ -1,0 +1,279 @@
+"""The SQLite catalogue: digest cache, store index, guests' link groups, run history.
+
+Everything in it can be lost without losing data: digests are recomputed, the store
+index is rebuilt from the store, and a name without a link-group row is treated as a
+file of its own. A missing or corrupt catalogue is therefore set aside and rebuilt.
+
+Tables:
+    digests(dev, ino, size, mtime_ns, ctime_ns, head, full)
+        Content digests of guest inodes, valid while size, mtime_ns and ctime_ns match.
+    objects(name, dev, ino, size, head, full, key)
+        Store objects: their name below HOME/store, inode, digests and packed link key.
+    names(root, path, grp)
+        Every guest name linked to a store object. Names that were one inode inside the
+        guest before unification share a `grp`: they stay one file to the guest.
+    runs(id, command, started_ns, duration_s, exit_code, stats)
+        One row per finished command run; `stats` is its JSON report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS digests(
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    head BLOB NOT NULL, full BLOB,
+    PRIMARY KEY (dev, ino)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS objects(
+    name TEXT PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
+    size INTEGER NOT NULL, head BLOB NOT NULL, full BLOB NOT NULL, key BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS objects_inode ON objects(dev, ino);
+CREATE TABLE IF NOT EXISTS names(
+    root TEXT NOT NULL, path BLOB NOT NULL, grp INTEGER NOT NULL,
+    PRIMARY KEY (root, path)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS names_group ON names(root, grp);
+CREATE TABLE IF NOT EXISTS runs(
+    id INTEGER PRIMARY KEY, command TEXT NOT NULL, started_ns INTEGER NOT NULL,
+    duration_s REAL NOT NULL, exit_code INTEGER NOT NULL, stats TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ObjectRow:
+    name: str
+    dev: int
+    ino: int
+    size: int
+    head: bytes
+    full: bytes
+    key: bytes
+
+
+@dataclass(frozen=True)
+class RunRow:
+    command: str
+    started_ns: int
+    duration_s: float
+    exit_code: int
+    stats: dict[str, Any]
+
+
+class Catalogue:
+    """An open catalogue. Not thread-safe: use it from the thread that opened it."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, rebuilt_from: Path | None) -> None:
+        self._db = db
+        self.path = path
+        #: Where a corrupt catalogue was moved to, when this one had to be rebuilt.
+        self.rebuilt_from = rebuilt_from
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Catalogue:
+        """Open (creating if needed) the catalogue; a corrupt one is set aside and rebuilt."""
+        if readonly:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            return cls(db, path, None)
+        try:
+            return cls(_connect(path), path, None)
+        except sqlite3.DatabaseError:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+            return cls(_connect(path), path, aside)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Catalogue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- digests ------------------------------------------------------------------------
+
+    def cached_digests(
+        self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int
+    ) -> tuple[bytes, bytes | None] | None:
+        """(head, full-or-None) recorded for this inode while its stat is unchanged."""
+        row = self._db.execute(
+            "SELECT size, mtime_ns, ctime_ns, head, full FROM digests WHERE dev = ? AND ino = ?",
+            (dev, ino),
+        ).fetchone()
+        if row is None or (row[0], row[1], row[2]) != (size, mtime_ns, ctime_ns):
+            return None
+        return bytes(row[3]), None if row[4] is None else bytes(row[4])
+
+    def put_digests(
+        self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]
+    ) -> None:
+        """Record (dev, ino, size, mtime_ns, ctime_ns, head, full) rows."""
+        self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def forget_digests(self, inodes: Iterable[tuple[int, int]]) -> None:
+        self._db.executemany("DELETE FROM digests WHERE dev = ? AND ino = ?", inodes)
+
+    # -- store objects ------------------------------------------------------------------
+
+    def objects(self) -> list[ObjectRow]:
+        return [
+            ObjectRow(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6]))
+            for r in self._db.execute("SELECT name, dev, ino, size, head, full, key FROM objects")
+        ]
+
+    def object_by_inode(self, dev: int, ino: int) -> ObjectRow | None:
+        r = self._db.execute(
+            "SELECT name, dev, ino, size, head, full, key FROM objects WHERE dev = ? AND ino = ?",
+            (dev, ino),
+        ).fetchone()
+        return (
+            None
+            if r is None
+            else ObjectRow(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6]))
+        )
+
+    def put_object(self, row: ObjectRow) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.name, row.dev, row.ino, row.size, row.head, row.full, row.key),
+        )
+
+    def drop_object(self, name: str) -> None:
+        self._db.execute("DELETE FROM objects WHERE name = ?", (name,))
+
+    # -- link groups --------------------------------------------------------------------
+
+    def new_group(self) -> int:
+        """A link-group number never handed out before in this catalogue."""
+        value = int(self.get_meta("next_group") or "1")
+        self.set_meta("next_group", str(value + 1))
+        return value
+
+    def names(self, root: str) -> dict[bytes, int]:
+        """Every recorded name of `root` linked to a store object, with its group."""
+        return {
+            bytes(path): grp
+            for path, grp in self._db.execute("SELECT path, grp FROM names WHERE root = ?", (root,))
+        }
+
+    def group_of(self, root: str, path: bytes) -> int | None:
+        row = self._db.execute(
+            "SELECT grp FROM names WHERE root = ? AND path = ?", (root, path)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def group_names(self, root: str, grp: int) -> list[bytes]:
+        """All names of one link group: what the guest sees as one file."""
+        return sorted(
+            bytes(r[0])
+            for r in self._db.execute(
+                "SELECT path FROM names WHERE root = ? AND grp = ?", (root, grp)
+            )
+        )
+
+    def put_names(self, root: str, rows: Iterable[tuple[bytes, int]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO names VALUES (?, ?, ?)",
+            ((root, path, grp) for path, grp in rows),
+        )
+
+    def drop_names(self, root: str, paths: Iterable[bytes]) -> None:
+        self._db.executemany(
+            "DELETE FROM names WHERE root = ? AND path = ?", ((root, p) for p in paths)
+        )
+
+    def rename_name(self, root: str, old: bytes, new: bytes) -> None:
+        """Keep a name's group when the guest renames it (a directory moves its whole subtree)."""
+        self._db.execute("DELETE FROM names WHERE root = ? AND path = ?", (root, new))
+        self._db.execute("UPDATE names SET path = ? WHERE root = ? AND path = ?", (new, root, old))
+        prefix = old + b"/"
+        rows = self._db.execute(
+            "SELECT path FROM names WHERE root = ? AND substr(path, 1, ?) = ?",
+            (root, len(prefix), prefix),
+        ).fetchall()
+        for (path,) in rows:
+            moved = new + b"/" + bytes(path)[len(prefix) :]
+            self._db.execute(
+                "UPDATE names SET path = ? WHERE root = ? AND path = ?", (moved, root, path)
+            )
+
+    def roots(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT root FROM names")]
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def record_run(
+        self, command: str, started_ns: int, duration_s: float, exit_code: int, stats: object
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO runs(command, started_ns, duration_s, exit_code, stats)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (command, started_ns, duration_s, exit_code, json.dumps(stats)),
+        )
+
+    def last_run(self, command: str) -> RunRow | None:
+        row = self._db.execute(
+            "SELECT command, started_ns, duration_s, exit_code, stats FROM runs"
+            " WHERE command = ? ORDER BY id DESC LIMIT 1",
+            (command,),
+        ).fetchone()
+        if row is None:
+            return None
+        return RunRow(row[0], row[1], row[2], row[3], json.loads(row[4]))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        status = db.execute("PRAGMA quick_check").fetchone()
+        if status is None or status[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {status}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"unknown schema version {version}")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.close()
+        raise
+    return db

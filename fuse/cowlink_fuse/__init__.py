@@ -1,0 +1,1 @@
+"""cowlink_fuse: the copy-on-write FUSE layer through which guests see their unified trees."""
