@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
@@ -107,21 +108,32 @@ class Usage:
     file_inodes: int
 
 
-def disk_usage(paths: Iterable[Path]) -> Usage:
+def disk_usage(paths: Iterable[Path], extra: Iterable[Path] = ()) -> Usage:
     """Walk every path without following symlinks or crossing mounts, counting each inode once.
+
+    Inodes under `extra` (a tool's own store) count towards `allocated` and `inodes`, but
+    their names do not count as file names: only the trees' users see those.
 
     Our own walk rather than `du`: it gives allocated bytes, name counts and inode counts
     in one pass, and it counts an inode shared by two of the paths once, as the disk does.
     """
     seen: set[tuple[int, int]] = set()
     allocated = names = file_inodes = 0
-    for top in paths:
+    tops = [(p, True) for p in paths] + [(p, False) for p in extra]
+    for top, counted in tops:
         try:
             st = os.lstat(top)
         except FileNotFoundError:
             continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
         seen.add((st.st_dev, st.st_ino))
         allocated += st.st_blocks * 512
+        if stat.S_ISREG(st.st_mode):
+            names += counted
+            file_inodes += 1
+        if not stat.S_ISDIR(st.st_mode):
+            continue
         root_dev = st.st_dev
         stack = [os.fsencode(top)]
         while stack:
@@ -130,7 +142,7 @@ def disk_usage(paths: Iterable[Path]) -> Usage:
                     st = entry.stat(follow_symlinks=False)
                     is_dir = entry.is_dir(follow_symlinks=False)
                     is_file = entry.is_file(follow_symlinks=False)
-                    if is_file:
+                    if is_file and counted:
                         names += 1
                     key = (st.st_dev, st.st_ino)
                     if key in seen:
@@ -142,6 +154,16 @@ def disk_usage(paths: Iterable[Path]) -> Usage:
                     if is_dir and st.st_dev == root_dev:
                         stack.append(entry.path)
     return Usage(allocated=allocated, inodes=len(seen), file_names=names, file_inodes=file_inodes)
+
+
+def dir_allocated(top: Path) -> int:
+    """Allocated bytes of the directories (not the files) under `top`, `top` included."""
+    if not top.is_dir():
+        return 0
+    total = 0
+    for dirpath, _, _ in os.walk(top):
+        total += os.lstat(dirpath).st_blocks * 512
+    return total
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

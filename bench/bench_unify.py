@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._corpus import Dataset, fresh_copy, real_corpus, remove_copy
-from ._measure import Measurement, Usage, disk_usage, format_table, run
+from ._measure import Measurement, dir_allocated, disk_usage, format_table, run
 from ._synthetic import Spec, synthetic
 
 MIB = 1024 * 1024
@@ -110,19 +110,22 @@ class Row:
     peak_rss: int
     returncode: int
     files: int  # regular-file names in the data set
-    saved: int  # allocated bytes freed by this run (our own count)
-    meta: int = 0  # allocated bytes of the tool's own state (cowlink: catalogue, lock...)
+    saved: int  # allocated bytes of file data and guest directories freed by this run
+    overhead: int = 0  # allocated bytes of the tool's own state: store dirs, catalogue, lock
     names_ok: bool = True  # every file name is still there
     report: dict[str, object] = field(default_factory=dict)  # cowlink's --json, if any
     argv: list[str] = field(default_factory=list)
 
 
-def _usage_after(roots: list[Path], home: Path) -> tuple[Usage, int]:
-    """Disk use of the roots plus cowlink's store, and of the rest of the home."""
+def _usage_after(roots: list[Path], home: Path) -> tuple[int, int]:
+    """Allocated bytes after a run: the files and directories of the roots with the store's
+    objects; and, apart, the tool's own overhead: the store's directories and the rest of
+    the home (catalogue, lock)."""
     store = home / "store"
-    data = disk_usage([*roots, store])
+    store_dirs = dir_allocated(store)
+    data = disk_usage(roots, extra=[store]).allocated - store_dirs
     others = [p for p in home.iterdir() if p.name != "store"] if home.exists() else []
-    return data, disk_usage(others).allocated
+    return data, store_dirs + disk_usage(others).allocated
 
 
 def _cowlink_report(m: Measurement) -> dict[str, object]:
@@ -160,7 +163,8 @@ def bench_tool(dataset: Dataset, tool: Tool, workdir: Path, *, cold: bool, keep:
             argv = tool.argv(home, roots)
             print(f"bench: {dataset.name}: {tool.label} ({phase})", file=sys.stderr)
             m = run(argv, logs, f"{slug}-{tool.key}-{phase}", cold=cold, cwd=dest)
-            after, meta = _usage_after(roots, home)
+            after, overhead = _usage_after(roots, home)
+            after_names = disk_usage(roots).file_names
             row = Row(
                 dataset=dataset.name,
                 tool=tool.key,
@@ -170,13 +174,13 @@ def bench_tool(dataset: Dataset, tool: Tool, workdir: Path, *, cold: bool, keep:
                 peak_rss=m.peak_rss,
                 returncode=m.returncode,
                 files=before.file_names,
-                saved=previous - after.allocated,
-                meta=meta,
-                names_ok=after.file_names == before.file_names,
+                saved=previous - after,
+                overhead=overhead,
+                names_ok=after_names == before.file_names,
                 report=_cowlink_report(m) if tool.cowlink else {},
                 argv=argv,
             )
-            previous = after.allocated
+            previous = after
             rows.append(row)
             if m.returncode != 0:
                 err = m.stderr.read_text(errors="replace").strip().splitlines()[-3:]
@@ -226,7 +230,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     _ratio(r.saved, hl.saved if hl and r.phase == "first" else None),
                     f"{r.peak_rss / MIB:.1f}",
                     f"{r.peak_rss / MIB / (files / 1e6):.0f}" if files else "-",
-                    f"{r.meta / MIB:.1f}" if r.meta else "-",
+                    f"{r.overhead / MIB:.1f}" if r.overhead else "-",
                     linked,
                     rc,
                 ]
@@ -242,7 +246,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     "vs hardlink",
                     "peak RSS MiB",
                     "RSS MiB/M files",
-                    "state MiB",
+                    "overhead MiB",
                     "linked",
                     "rc",
                 ],
@@ -281,11 +285,16 @@ def targets(rows: Sequence[Row], ds: str) -> str:
             ]
         )
     if first and hl:
+        # judged on the first run, as hardlink -X gets there in one; the rerun's extra and
+        # the store's own cost (directories, catalogue) are shown beside it
+        after_rerun = first.saved + (rerun.saved if rerun else 0)
+        net = first.saved - first.overhead
         table.append(
             [
                 "bytes saved (--no-default-excludes)",
                 ">= hardlink -X",
-                f"{first.saved / MIB:.1f} vs {hl.saved / MIB:.1f} MiB",
+                f"{first.saved / MIB:.1f} vs {hl.saved / MIB:.1f} MiB "
+                f"({after_rerun / MIB:.1f} after the rerun; {net / MIB:.1f} net of overhead)",
                 verdict(first.saved >= hl.saved),
             ]
         )
