@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: install
-	$(PY) -m cowlink.demo
+	$(PY) -m cowlink._demo
 
 lint: install
 	$(VENV)/bin/ruff check cowlink fuse bench tests
@@ -32,8 +32,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+# Each checkout gets its own pytest base directory, so concurrent runs never sweep each other's.
+BASETEMP ?= /tmp/cowlink-pytest/$(notdir $(CURDIR))
+
 unit: install
-	$(VENV)/bin/pytest -q
+	mkdir -p $(dir $(BASETEMP))
+	$(VENV)/bin/pytest -q --basetemp=$(BASETEMP)
 
 test: lint typecheck unit
 

@@ -179,11 +179,30 @@ class Catalogue:
 
     # -- link groups --------------------------------------------------------------------
 
+    def reserve_groups(self, count: int) -> int:
+        """Reserve `count` link-group numbers never handed out before; return the first.
+
+        Atomic across processes (unify and the FUSE daemons share the catalogue).
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'next_group'").fetchone()
+            first = int(row[0]) if row else 1
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('next_group', ?)", (str(first + count),)
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return first
+
     def new_group(self) -> int:
         """A link-group number never handed out before in this catalogue."""
-        value = int(self.get_meta("next_group") or "1")
-        self.set_meta("next_group", str(value + 1))
-        return value
+        return self.reserve_groups(1)
+
+    def batch(self) -> Batch:
+        return Batch(self)
 
     def names(self, root: str) -> dict[bytes, int]:
         """Every recorded name of `root` linked to a store object, with its group."""
@@ -256,6 +275,76 @@ class Catalogue:
         if row is None:
             return None
         return RunRow(row[0], row[1], row[2], row[3], json.loads(row[4]))
+
+
+class Batch:
+    """Catalogue writes gathered and committed together: one transaction per flush.
+
+    A run that makes thousands of changes would spend most of its time committing them
+    one by one. What a crash loses from an unflushed batch is recomputed (digests), found
+    again in the store (objects), or a name's link group, which callers that care flush
+    before the filesystem change it describes.
+    """
+
+    _BLOCK = 4096
+
+    def __init__(self, catalogue: Catalogue) -> None:
+        self._catalogue = catalogue
+        self._names: list[tuple[str, bytes, int]] = []
+        self._dropped: list[tuple[str, bytes]] = []
+        self._objects: list[ObjectRow] = []
+        self._digests: list[tuple[int, int, int, int, int, bytes, bytes | None]] = []
+        self._forget: list[tuple[int, int]] = []
+        self._next_group = 0
+        self._groups_left = 0
+
+    def new_group(self) -> int:
+        if self._groups_left == 0:
+            self._next_group = self._catalogue.reserve_groups(self._BLOCK)
+            self._groups_left = self._BLOCK
+        self._groups_left -= 1
+        self._next_group += 1
+        return self._next_group - 1
+
+    def put_names(self, root: str, rows: Iterable[tuple[bytes, int]]) -> None:
+        self._names.extend((root, path, grp) for path, grp in rows)
+
+    def drop_names(self, root: str, paths: Iterable[bytes]) -> None:
+        self._dropped.extend((root, path) for path in paths)
+
+    def put_object(self, row: ObjectRow) -> None:
+        self._objects.append(row)
+
+    def put_digests(
+        self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]
+    ) -> None:
+        self._digests.extend(rows)
+
+    def forget_digests(self, inodes: Iterable[tuple[int, int]]) -> None:
+        self._forget.extend(inodes)
+
+    def __len__(self) -> int:
+        return (
+            len(self._names)
+            + len(self._dropped)
+            + len(self._objects)
+            + len(self._digests)
+            + len(self._forget)
+        )
+
+    def flush(self) -> None:
+        if not len(self):
+            return
+        cat = self._catalogue
+        with cat.transaction():
+            for row in self._objects:
+                cat.put_object(row)
+            cat.put_digests(self._digests)
+            cat.forget_digests(self._forget)
+            cat._db.executemany("INSERT OR REPLACE INTO names VALUES (?, ?, ?)", self._names)
+            cat._db.executemany("DELETE FROM names WHERE root = ? AND path = ?", self._dropped)
+        for pending in (self._names, self._dropped, self._objects, self._digests, self._forget):
+            pending.clear()
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -4,7 +4,7 @@ Layout::
 
     HOME/guests/NAME/root/       one guest's root tree
     HOME/guests/NAME/exclude     optional per-guest exclude patterns
-    HOME/store/                  content-addressed objects (see _store)
+    HOME/store/                  content-addressed objects, HOME/store/ab/... (see _store)
     HOME/catalogue.sqlite        digest cache, store index, link groups, run history
     HOME/lock                    held by every command that changes trees or store
 """

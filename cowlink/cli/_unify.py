@@ -61,7 +61,7 @@ from ._output import Console
     "metrics_file",
     metavar="FILE",
     type=click.Path(dir_okay=False),
-    help="Write Prometheus metrics to FILE (atomically) after the run.",
+    help="After the run, write Prometheus metrics to FILE (node_exporter textfile).",
 )
 @click.option("-v", "--verbose", count=True, help="List each action with its reason.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only problems.")

@@ -1,0 +1,70 @@
+"""Builders for small guest trees in a scratch home, and a way to run the CLI on them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from cowlink.cli import main
+
+#: A fixed mtime, so files written at different moments still share a link key.
+MTIME_NS = 1_600_000_000_000_000_000
+
+
+def write(path: Path, data: bytes, *, mode: int = 0o644, mtime_ns: int = MTIME_NS) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def make_guests(
+    home: Path, files: Mapping[str, bytes], guests: tuple[str, ...] = ("a", "b")
+) -> list[Path]:
+    """Give every guest the same `files` (relative path -> content); return their roots."""
+    roots = []
+    for guest in guests:
+        root = home / "guests" / guest / "root"
+        root.mkdir(parents=True)
+        for rel, data in files.items():
+            write(root / rel, data)
+        roots.append(root)
+    return roots
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.stdout)
+        return data
+
+
+def cowlink(home: Path, *args: str) -> Result:
+    """Run `cowlink --home HOME ARGS...` in-process, as a user would from a shell."""
+    runner = CliRunner()
+    result = runner.invoke(main, ["--home", str(home), *args], catch_exceptions=False)
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def store_objects(home: Path) -> list[Path]:
+    store = home / "store"
+    if not store.is_dir():
+        return []
+    return sorted(p for p in store.glob("??/*") if p.is_file())
+
+
+def same_inode(a: Path, b: Path) -> bool:
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
