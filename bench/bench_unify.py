@@ -115,6 +115,7 @@ class Row:
     names_ok: bool = True  # every file name is still there
     report: dict[str, object] = field(default_factory=dict)  # cowlink's --json, if any
     argv: list[str] = field(default_factory=list)
+    load: float = 0.0  # 1-minute load average just before the run (other work on the box)
 
 
 def _usage_after(roots: list[Path], home: Path) -> tuple[int, int]:
@@ -162,6 +163,7 @@ def bench_tool(dataset: Dataset, tool: Tool, workdir: Path, *, cold: bool, keep:
         for phase in ("first", "rerun") if tool.rerun else ("first",):
             argv = tool.argv(home, roots)
             print(f"bench: {dataset.name}: {tool.label} ({phase})", file=sys.stderr)
+            load = os.getloadavg()[0]
             m = run(argv, logs, f"{slug}-{tool.key}-{phase}", cold=cold, cwd=dest)
             after, overhead = _usage_after(roots, home)
             after_names = disk_usage(roots).file_names
@@ -179,6 +181,7 @@ def bench_tool(dataset: Dataset, tool: Tool, workdir: Path, *, cold: bool, keep:
                 names_ok=after_names == before.file_names,
                 report=_cowlink_report(m) if tool.cowlink else {},
                 argv=argv,
+                load=load,
             )
             previous = after
             rows.append(row)
@@ -232,6 +235,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     f"{r.peak_rss / MIB / (files / 1e6):.0f}" if files else "-",
                     f"{r.overhead / MIB:.1f}" if r.overhead else "-",
                     linked,
+                    f"{r.load:.1f}",
                     rc,
                 ]
             )
@@ -248,6 +252,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     "RSS MiB/M files",
                     "overhead MiB",
                     "linked",
+                    "load",
                     "rc",
                 ],
                 table,
@@ -419,11 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 parser.error(f"unknown data set {name!r}")
         started = datetime.datetime.now(datetime.UTC)
+        info = machine()
         rows: list[Row] = []
         for ds in datasets:
             for tool in wanted:
                 rows.extend(bench_tool(ds, tool, workdir, cold=args.cold, keep=args.keep))
-        info = machine()
         info["caches"] = "cold (dropped before each run)" if args.cold else "warm"
         info["started"] = started.strftime("%Y-%m-%d %H:%M UTC")
         command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
