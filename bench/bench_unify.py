@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import pstats
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,38 @@ class Row:
     report: dict[str, object] = field(default_factory=dict)  # cowlink's --json, if any
     argv: list[str] = field(default_factory=list)
     load: float = 0.0  # 1-minute load average just before the run (other work on the box)
+    walls: list[float] = field(default_factory=list)  # every try's wall time, once summarized
+
+
+def summarize(rows: Sequence[Row]) -> list[Row]:
+    """One row per (data set, tool, run) over repeated tries: median wall time and bytes
+    saved, the highest peak RSS, the mean load; `walls` keeps every try."""
+    grouped: dict[tuple[str, str, str], list[Row]] = {}
+    for r in rows:
+        grouped.setdefault((r.dataset, r.tool, r.phase), []).append(r)
+    out = []
+    for tries in grouped.values():
+        first = tries[0]
+        out.append(
+            Row(
+                dataset=first.dataset,
+                tool=first.tool,
+                label=first.label,
+                phase=first.phase,
+                wall_s=statistics.median(r.wall_s for r in tries),
+                peak_rss=max(r.peak_rss for r in tries),
+                returncode=max((r.returncode for r in tries), key=abs),
+                files=first.files,
+                saved=int(statistics.median(r.saved for r in tries)),
+                overhead=max(r.overhead for r in tries),
+                names_ok=all(r.names_ok for r in tries),
+                report=first.report,
+                argv=first.argv,
+                load=statistics.fmean(r.load for r in tries),
+                walls=[r.wall_s for r in tries],
+            )
+        )
+    return out
 
 
 def _usage_after(roots: list[Path], home: Path) -> tuple[int, int]:
@@ -223,11 +256,12 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
             base = hl_re if r.phase == "rerun" else hl
             rc = str(r.returncode) + ("" if r.names_ok else " NAMES CHANGED")
             linked = r.report.get("files_linked", "-") if r.report else "-"
+            spread = f" ({min(r.walls):.2f}-{max(r.walls):.2f})" if len(r.walls) > 1 else ""
             table.append(
                 [
                     r.label,
                     r.phase,
-                    f"{r.wall_s:.2f}",
+                    f"{r.wall_s:.2f}{spread}",
                     _ratio(r.wall_s, base.wall_s if base else None),
                     f"{r.saved / MIB:.1f}",
                     _ratio(r.saved, hl.saved if hl and r.phase == "first" else None),
@@ -244,7 +278,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                 [
                     "tool",
                     "run",
-                    "wall s",
+                    "wall s" + (" median (min-max)" if len(mine[0].walls) > 1 else ""),
                     "vs hardlink",
                     "saved MiB",
                     "vs hardlink",
@@ -399,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep each run's copy")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="tries per tool, each on a fresh copy (median)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="only cProfile one cowlink run on the real corpus"
     )
     args = parser.parse_args(argv)
@@ -425,10 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"unknown data set {name!r}")
         started = datetime.datetime.now(datetime.UTC)
         info = machine()
+        floor = run([sys.executable, "-m", "cowlink", "--help"], workdir / "logs", "floor")
+        info["cowlink --help peak RSS (start-up floor)"] = f"{floor.peak_rss / MIB:.1f} MiB"
         rows: list[Row] = []
         for ds in datasets:
-            for tool in wanted:
-                rows.extend(bench_tool(ds, tool, workdir, cold=args.cold, keep=args.keep))
+            # tries outermost, so that a burst of other load spreads over the tools
+            for _ in range(args.repeat):
+                for tool in wanted:
+                    rows.extend(bench_tool(ds, tool, workdir, cold=args.cold, keep=args.keep))
         info["caches"] = "cold (dropped before each run)" if args.cold else "warm"
         info["started"] = started.strftime("%Y-%m-%d %H:%M UTC")
         command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -436,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in info.items():
             print(f"{k}: {v}")
         print()
-        print(render(rows, [d.name for d in datasets]))
+        print(render(summarize(rows), [d.name for d in datasets]))
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         stamp = started.strftime("%Y%m%dT%H%M%SZ")
         result = RESULTS_DIR / f"unify-{stamp}.json"
