@@ -256,6 +256,8 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
             base = hl_re if r.phase == "rerun" else hl
             rc = str(r.returncode) + ("" if r.names_ok else " NAMES CHANGED")
             linked = r.report.get("files_linked", "-") if r.report else "-"
+            errors = r.report.get("errors") if r.report else None
+            n_errors = len(errors) if isinstance(errors, list) else "-"
             spread = f" ({min(r.walls):.2f}-{max(r.walls):.2f})" if len(r.walls) > 1 else ""
             table.append(
                 [
@@ -269,6 +271,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     f"{r.peak_rss / MIB / (files / 1e6):.0f}" if files else "-",
                     f"{r.overhead / MIB:.1f}" if r.overhead else "-",
                     linked,
+                    n_errors,
                     f"{r.load:.1f}",
                     rc,
                 ]
@@ -286,6 +289,7 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     "RSS MiB/M files",
                     "overhead MiB",
                     "linked",
+                    "errors",
                     "load",
                     "rc",
                 ],
