@@ -309,8 +309,19 @@ def targets(rows: Sequence[Row], ds: str) -> str:
     hl = _find(rows, ds, "hardlink", "first")
     hl_re = _find(rows, ds, "hardlink", "rerun")
 
+    def errors(r: Row | None) -> int:
+        found = r.report.get("errors") if r and r.report else None
+        return len(found) if isinstance(found, list) else 0
+
+    broken = errors(first) + errors(rerun)
+
     def verdict(ok: bool | None) -> str:
-        return "-" if ok is None else ("met" if ok else "MISSED")
+        if ok is None:
+            return "-"
+        if broken:
+            # files it failed on were neither read nor linked: no fair comparison
+            return f"void ({broken} per-file errors)"
+        return "met" if ok else "MISSED"
 
     table: list[list[str]] = []
     if first and hl:
@@ -442,7 +453,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="only cProfile one cowlink run on the real corpus"
     )
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only print the tables of a saved result"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        for k, v in saved["machine"].items():
+            print(f"{k}: {v}")
+        print()
+        loaded = [Row(**r) for r in saved["rows"]]
+        print(render(summarize(loaded), list(dict.fromkeys(r.dataset for r in loaded))))
+        return 0
     if os.geteuid() != 0:
         parser.error("run as root: the tools chown, and cowlink sets immutable flags")
 
