@@ -1,4 +1,4 @@
-"""`make demo`: two small guests in a scratch home, unified, with what it saved.
+"""`make demo`: two small guests in a scratch home, unified, with what it saved, then mounted.
 
 The guests are Debian minbase trees built with debootstrap when a Debian mirror is
 reachable, or generated trees otherwise. Pristine trees are kept beside the scratch home
@@ -126,6 +126,80 @@ def main() -> None:
     say("what each guest costs, and what unification saved")
     cowlink("du", "--top", "5", "--html", str(DEMO_DIR / "du.html"))
     print(f"(the same report as a web page: {DEMO_DIR / 'du.html'})")
+    run_a_guest(GUESTS[0])
+    demo_mount()
+
+
+def shared_file(root: Path) -> Path | None:
+    """A text file of the guest linked to the store and the other guest (3+ links)."""
+    for pattern in ("usr/share/doc/*/copyright", "usr/*/*/*", "**/*"):
+        for path in sorted(root.glob(pattern)):
+            if path.is_file() and not path.is_symlink() and path.lstat().st_nlink > 2:
+                return path
+    return None
+
+
+def demo_mount() -> None:
+    home = DEMO_DIR / "home"
+    guest, other = (home / "guests" / g / "root" for g in GUESTS)
+    target = shared_file(guest)
+    if target is None:
+        return
+    rel = target.relative_to(guest)
+    mnt = DEMO_DIR / "mnt"
+    mnt.mkdir(exist_ok=True)
+    say(f"mount {GUESTS[0]} copy-on-write and append to a shared file through it")
+    cowlink("mount", "--guest", GUESTS[0], str(mnt))
+    try:
+        run("stat", "-c", "%n: inode %i, %h links", str(target), str(other / rel))
+        run("sh", "-c", f"echo 'changed in {GUESTS[0]}' >> '{mnt / rel}'")
+        say("the guest has its own copy now; the other guest and the store are unchanged")
+        run("tail", "-c", "40", str(mnt / rel))
+        run("stat", "-c", "%n: inode %i, %h links", str(target), str(other / rel))
+        run("cmp", str(other / rel), str(DEMO_DIR / "pristine" / GUESTS[1] / rel))
+    finally:
+        cowlink("umount", str(mnt))
+
+
+GUEST_TOML = """\
+hostname = "{name}"
+
+[init]
+style = "services"
+services = [{{ start = "sleep infinity &" }}]
+
+[limits]
+memory_max = "256M"
+pids_max = 256
+cpu_quota = 50
+
+[network]
+mode = "none"
+"""
+
+
+def run_a_guest(name: str) -> None:
+    root = DEMO_DIR / "home/guests" / name / "root"
+    if not (root / "bin/sh").exists():
+        say(f"{name} is a generated tree with no programs in it: not started")
+        return
+    (root.parent / "guest.toml").write_text(GUEST_TOML.format(name=name))
+    say(f"start {name} in its own namespaces, with memory, CPU and process limits")
+    cowlink("guest", "start", name)
+    try:
+        cowlink(
+            "guest",
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "hostname; head -1 /etc/os-release; echo processes it sees: /proc/[0-9]*",
+        )
+        cowlink("guest", "status", name)
+        cowlink("guest", "list")
+    finally:
+        cowlink("guest", "stop", name)
 
 
 if __name__ == "__main__":

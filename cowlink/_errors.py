@@ -8,6 +8,8 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
+EXIT_NOT_RUNNING = 3  # as VServer's `vserver NAME status`
+EXIT_MOUNT_FAILED = 39  # s3ql's code for "FUSE initialisation failed"
 
 
 class CowlinkError(Exception):
@@ -44,6 +46,38 @@ class Interrupted(CowlinkError):
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}; every path is intact")
         self.exit_code = 128 + signum
+
+
+class MountFailed(CowlinkError):
+    """The mount daemon could not mount, or a mount point could not be unmounted."""
+
+    exit_code = EXIT_MOUNT_FAILED
+
+
+class GuestNotRunning(CowlinkError):
+    """The guest is not running (`guest status` and `stop` of a stopped guest exit 3)."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+class GuestRunning(CowlinkError):
+    """The guest is already running (or still stopping); stop it first."""
+
+
+class GuestStartFailed(CowlinkError):
+    """The guest did not come up; every step the start took has been undone."""
+
+
+class GuestBuildFailed(CowlinkError):
+    """debootstrap or the copy failed; the half-built guest was removed."""
+
+
+class CgroupError(CowlinkError):
+    """A guest's control group could not be created, limited or emptied."""
+
+
+class NetworkError(CowlinkError):
+    """A guest's network could not be set up."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -172,6 +173,13 @@ class Linker:
         self.checkpoint = checkpoint
         self._store_dirs: set[str] = set()
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cowlink-close")
+        self._closing = threading.BoundedSemaphore(2 * _BATCH)
+
+    def _close_one(self, fd: int) -> None:
+        try:
+            os.close(fd)
+        finally:
+            self._closing.release()
 
     def close(self) -> None:
         """Wait until every replaced file has been let go of."""
@@ -377,8 +385,10 @@ class Linker:
         finally:
             for _, fd in verified:
                 # Closing the last reference to a replaced file frees it, which can wait on
-                # the journal for a millisecond; a helper thread does it meanwhile.
-                self._closer.submit(os.close, fd)
+                # the journal for a millisecond; a helper thread does it meanwhile. The
+                # semaphore bounds how many such fds wait, well below the open-file limit.
+                self._closing.acquire()
+                self._closer.submit(self._close_one, fd)
 
     def _verify(self, node: Candidate, obj: _Object) -> int | None:
         """Open the candidate and compare its bytes with the object's; its fd if equal."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import signal
 import stat
 import time
@@ -51,7 +52,7 @@ from ._home import Home
 from ._linker import Candidate, Changed, Counters, Linker, Reporter, TreeFiles
 from ._store import LinkKey, TempNames, read_xattrs
 from ._storeindex import StoreIndex
-from ._walk import DirOpener, FileRec, Observer, Tree, walk
+from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
@@ -227,6 +228,13 @@ def _run_unify(
     return report
 
 
+def _raise_open_file_limit() -> None:
+    """Each root stays open for the whole run: hundreds of guests outgrow cron's 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _resolve_roots(home: Home, options: UnifyOptions) -> list[_Root]:
     def rules_for(guest: str | None) -> Rules:
         return Rules.build(
@@ -361,6 +369,9 @@ class _Engine:
             self.index.load(recover=not self.dry_run, problem=self.problem)
             if not self.dry_run:
                 self.catalogue.set_meta("dirty", "1")
+            _raise_open_file_limit()
+            dir_fds = FdCache()
+            stack.callback(dir_fds.close)
             for root in roots:
                 fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 stack.callback(os.close, fd)
@@ -375,9 +386,7 @@ class _Engine:
                     observer=_WalkObserver(self),
                 )
                 self.trees.append(tree)
-                opener = DirOpener(tree, fd)
-                stack.callback(opener.close)
-                self.openers.append(opener)
+                self.openers.append(DirOpener(tree, fd, dir_fds))
             self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
             self.report.files_scanned = sum(t.regular_files for t in self.trees)
             self.report.already_linked = sum(len(t.linked) for t in self.trees)

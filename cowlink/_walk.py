@@ -201,26 +201,58 @@ def walk(
     return tree
 
 
-class DirOpener:
-    """Reopens the walk's directories by their recorded chain, verifying each step."""
+class FdCache:
+    """Directory fds kept open for reuse, least recently used first out.
 
-    def __init__(self, tree: Tree, root_fd: int, capacity: int = 256) -> None:
-        self._tree = tree
-        self._root_fd = root_fd
-        self._cache: OrderedDict[int, int] = OrderedDict()
+    One cache serves every tree of a run, so a run over hundreds of guests stays far below
+    the open-file limit however many directories it reopens.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
 
+    def get(self, key: tuple[int, int]) -> int | None:
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+        return fd
+
+    def put(self, key: tuple[int, int], fd: int) -> None:
+        self._fds[key] = fd
+        while len(self._fds) > self._capacity:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class DirOpener:
+    """Reopens the walk's directories by their recorded chain, verifying each step.
+
+    An fd it returns belongs to its cache: use it at once, before the next open() call
+    (which may close it), and never close it yourself.
+    """
+
+    def __init__(self, tree: Tree, root_fd: int, cache: FdCache) -> None:
+        self._tree = tree
+        self._root_fd = root_fd
+        self._cache = cache
+        self._id = id(self)
+
     def open(self, index: int) -> int:
-        """An fd for directory `index`, owned by the opener (do not close it).
+        """An fd for directory `index`.
 
         Raises:
             DirChanged: some directory on the chain is no longer the one the walk saw.
         """
         if index == 0:
             return self._root_fd
-        fd = self._cache.get(index)
+        fd = self._cache.get((self._id, index))
         if fd is not None:
-            self._cache.move_to_end(index)
             return fd
         entry = self._tree.dirs[index]
         parent_fd = self.open(entry.parent)
@@ -232,13 +264,5 @@ class DirOpener:
         if (st.st_dev, st.st_ino) != (self._tree.dev, entry.ino):
             os.close(fd)
             raise DirChanged(errno.ESTALE, f"{entry.path}: directory was replaced")
-        self._cache[index] = fd
-        if len(self._cache) > self._capacity:
-            _, old = self._cache.popitem(last=False)
-            os.close(old)
+        self._cache.put((self._id, index), fd)
         return fd
-
-    def close(self) -> None:
-        for fd in self._cache.values():
-            os.close(fd)
-        self._cache.clear()

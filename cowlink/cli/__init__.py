@@ -21,6 +21,9 @@ from .._home import Home
 #: quick command (`cowlink du` from a monitoring job) does not pay for the others.
 _COMMANDS = {
     "du": "._du:du",
+    "guest": "._guest:guest",
+    "mount": "._mount:mount",
+    "umount": "._mount:umount",
     "unify": "._unify:unify",
 }
 
