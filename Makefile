@@ -41,8 +41,11 @@ unit: install
 
 test: lint typecheck unit
 
+# BENCH_ARGS, e.g. "--cold" or "--datasets real"; see `python -m bench.run --help`.
 bench: install
-	$(PY) -m bench.run
+	@test -x /usr/bin/time || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq time >/dev/null; }
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
