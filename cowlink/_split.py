@@ -20,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +51,7 @@ from ._excludes import Rules
 from ._hashing import same_content
 from ._home import Home
 from ._linker import Reporter
+from ._signals import StopRequest
 from ._store import InUseForWriting, TempNames, read_xattrs, thawed
 from ._storeindex import StoreIndex
 from ._walk import DirChanged, DirOpener, FdCache, Observer, Tree, walk
@@ -237,20 +236,14 @@ class _Split:
         self.batch = catalogue.batch()
         self.index = StoreIndex(home.store_dir, catalogue)
         self.temp_names = TempNames(home.secret())
-        self.stop_signal = 0
+        self.stop = StopRequest()
 
-    @contextmanager
-    def signals(self) -> Iterator[None]:
-        def handler(signum: int, frame: object) -> None:
-            self.stop_signal = signum
+    @property
+    def stop_signal(self) -> int:
+        return self.stop.signum
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        _linux.ignore_lease_breaks()
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def signals(self) -> AbstractContextManager[None]:
+        return self.stop.catching()
 
     def problem(self, path: str, error: str) -> None:
         self.report.errors.append(Problem(path, error))

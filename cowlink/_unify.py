@@ -23,13 +23,11 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import signal
 import stat
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +50,7 @@ from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
 from ._home import Home
 from ._linker import Candidate, Changed, Counters, Linker, Reporter, TreeFiles
+from ._signals import StopRequest
 from ._store import LinkKey, TempNames, read_xattrs
 from ._storeindex import StoreIndex
 from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
@@ -321,7 +320,7 @@ class _Engine:
         self.counters = Counters(errors=report.errors)
         self.batch = catalogue.batch()
         self.index = StoreIndex(home.store_dir, catalogue)
-        self.stop_signal = 0
+        self.stop = StopRequest()
         self.trees: list[Tree] = []
         self.openers: list[DirOpener] = []
         self.flags_ok = True
@@ -332,18 +331,12 @@ class _Engine:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    @contextmanager
-    def signals(self) -> Iterator[None]:
-        def handler(signum: int, frame: object) -> None:
-            self.stop_signal = signum
+    @property
+    def stop_signal(self) -> int:
+        return self.stop.signum
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        _linux.ignore_lease_breaks()
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def signals(self) -> AbstractContextManager[None]:
+        return self.stop.catching()
 
     def checkpoint(self) -> None:
         """Stop here if a signal asked us to; only called where every path is whole."""
