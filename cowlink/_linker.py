@@ -401,11 +401,18 @@ class Linker:
             return None
         try:
             if not self._hand_flagged(fd, path):
+                # A writer's data would go to the inode we are about to replace, and be
+                # lost with it: only a file nobody has open for writing is replaced, and
+                # the lease makes new writers wait until its names lead to the object.
+                _linux.take_read_lease(fd)
                 if same_content(obj.fd, fd, rec.size):
                     return fd
                 self.reporter.action(path, "skip", "content differs from the store object")
         except OSError as exc:
-            self.problem(path, exc.strerror or str(exc))
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.reporter.action(path, "skip", "open for writing by another process")
+            else:
+                self.problem(path, exc.strerror or str(exc))
         os.close(fd)
         return None
 

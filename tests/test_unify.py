@@ -350,6 +350,21 @@ def test_a_file_open_for_writing_is_not_adopted(home: Path) -> None:
     assert (b / "usr/lib/busy").read_bytes()[:2] == b"BB"
 
 
+def test_a_duplicate_open_for_writing_is_not_replaced(home: Path) -> None:
+    a, b, c = make_guests(home, {"usr/lib/busy": b"B" * 5000}, guests=("a", "b", "c"))
+    writer = os.open(c / "usr/lib/busy", os.O_WRONLY)
+    try:
+        report = cowlink(home, "unify", "--json").json
+        assert report["files_linked"] == 1
+        assert same_inode(a / "usr/lib/busy", b / "usr/lib/busy")
+        assert not same_inode(a / "usr/lib/busy", c / "usr/lib/busy")
+        os.pwrite(writer, b"W", 0)  # the write lands in the file c still sees
+    finally:
+        os.close(writer)
+    assert (c / "usr/lib/busy").read_bytes()[:2] == b"WB"
+    assert (a / "usr/lib/busy").read_bytes()[:2] == b"BB"
+
+
 def test_file_changed_between_hashing_and_linking_is_kept(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
