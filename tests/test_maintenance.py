@@ -179,7 +179,9 @@ def test_verify_lists_each_problem_with_the_paths_that_link_it(home: Path, tmp_p
     subprocess.run(["chattr", "-i", str(corrupt), str(chmodded)], check=True)
     st = os.lstat(corrupt)
     with open(corrupt, "r+b") as f:  # bit rot, or someone with root
-        f.write(b"X")
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))  # always a change, whatever the random content
     os.utime(corrupt, ns=(st.st_atime_ns, st.st_mtime_ns))
     os.chmod(chmodded, 0o600)
     subprocess.run(["chattr", "+i", str(corrupt), str(chmodded)], check=True)
