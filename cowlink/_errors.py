@@ -84,6 +84,16 @@ class NetworkError(CowlinkError):
     """A guest's network could not be set up."""
 
 
+class ReportsProblems:
+    """For a command's report: exit 1 when it recorded any per-file problem, else 0."""
+
+    errors: list[Problem]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PROBLEMS if self.errors else EXIT_OK
+
+
 @dataclass(frozen=True)
 class Problem:
     """A per-file problem: recorded, reported, and turned into exit code 1; never a crash."""

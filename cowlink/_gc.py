@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _linux
 from ._catalogue import Catalogue
-from ._errors import EXIT_OK, EXIT_PROBLEMS, Problem
+from ._errors import Problem, ReportsProblems
 from ._home import Home
 from ._linker import Reporter
 from ._store import thawed
@@ -25,7 +25,7 @@ from ._storeindex import OPEN_FLAGS, iter_object_names
 
 
 @dataclass
-class GcReport:
+class GcReport(ReportsProblems):
     objects_removed: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     objects_kept: int = 0
@@ -35,10 +35,6 @@ class GcReport:
     errors: list[Problem] = field(default_factory=list)
     duration_s: float = 0.0
     dry_run: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_PROBLEMS if self.errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _linux
 from ._catalogue import Catalogue
-from ._errors import EXIT_OK, EXIT_PROBLEMS, GuestRunning, Problem, UsageError
+from ._errors import GuestRunning, Problem, ReportsProblems, UsageError
 from ._gueststate import read_state, release_lock, try_lock
 from ._home import Home
 from ._linker import Reporter
@@ -30,7 +30,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
-class RemoveReport:
+class RemoveReport(ReportsProblems):
     root: str = ""
     guest: str | None = None
     files_removed: int = 0
@@ -38,10 +38,6 @@ class RemoveReport:
     dirs_removed: int = 0
     errors: list[Problem] = field(default_factory=list)
     duration_s: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_PROBLEMS if self.errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -38,12 +38,11 @@ from ._copy import (
     space_needed,
 )
 from ._errors import (
-    EXIT_OK,
-    EXIT_PROBLEMS,
     Interrupted,
     NoSpace,
     Problem,
     ReadOnly,
+    ReportsProblems,
     UsageError,
     storage_faults,
 )
@@ -71,7 +70,7 @@ class SplitOptions:
 
 
 @dataclass
-class SplitReport:
+class SplitReport(ReportsProblems):
     root: str = ""
     files_split: int = 0
     names_split: int = 0
@@ -79,10 +78,6 @@ class SplitReport:
     errors: list[Problem] = field(default_factory=list)
     duration_s: float = 0.0
     dry_run: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_PROBLEMS if self.errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -36,13 +36,12 @@ from ._catalogue import Catalogue
 from ._errors import (
     EXIT_FATAL,
     EXIT_LOCKED,
-    EXIT_OK,
-    EXIT_PROBLEMS,
     CowlinkError,
     FlagsNotPermitted,
     Interrupted,
     NotSameFilesystem,
     Problem,
+    ReportsProblems,
     UsageError,
     storage_faults,
 )
@@ -79,7 +78,7 @@ class UnifyOptions:
 
 
 @dataclass
-class UnifyReport:
+class UnifyReport(ReportsProblems):
     files_scanned: int = 0
     files_hashed: int = 0
     files_linked: int = 0
@@ -91,10 +90,6 @@ class UnifyReport:
     duration_s: float = 0.0
     dry_run: bool = False
     roots: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_PROBLEMS if self.errors else EXIT_OK
 
     def as_dict(self) -> dict[str, Any]:
         return {
