@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Bound parameters per query; SQLite's own limit is 32,766 (at least 999 in old builds).
+_MAX_PARAMS = 900
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -131,16 +134,25 @@ class Catalogue:
     # -- digests ------------------------------------------------------------------------
 
     def cached_digests(
-        self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int
-    ) -> tuple[bytes, bytes | None] | None:
-        """(head, full-or-None) recorded for this inode while its stat is unchanged."""
-        row = self._db.execute(
-            "SELECT size, mtime_ns, ctime_ns, head, full FROM digests WHERE dev = ? AND ino = ?",
-            (dev, ino),
-        ).fetchone()
-        if row is None or (row[0], row[1], row[2]) != (size, mtime_ns, ctime_ns):
-            return None
-        return bytes(row[3]), None if row[4] is None else bytes(row[4])
+        self, dev: int, stats: Iterable[tuple[int, int, int, int]]
+    ) -> dict[int, tuple[bytes, bytes | None]]:
+        """{ino: (head, full-or-None)} recorded for these (ino, size, mtime_ns, ctime_ns)
+        of one device, for the inodes whose stat is unchanged since."""
+        wanted = {ino: (size, mtime_ns, ctime_ns) for ino, size, mtime_ns, ctime_ns in stats}
+        found: dict[int, tuple[bytes, bytes | None]] = {}
+        inodes = list(wanted)
+        # One query per chunk, not per inode: a size class can hold thousands of files.
+        for start in range(0, len(inodes), _MAX_PARAMS):
+            chunk = inodes[start : start + _MAX_PARAMS]
+            rows = self._db.execute(
+                "SELECT ino, size, mtime_ns, ctime_ns, head, full FROM digests "
+                f"WHERE dev = ? AND ino IN ({','.join('?' * len(chunk))})",
+                (dev, *chunk),
+            )
+            for ino, size, mtime_ns, ctime_ns, head, full in rows:
+                if wanted[ino] == (size, mtime_ns, ctime_ns):
+                    found[ino] = bytes(head), None if full is None else bytes(full)
+        return found
 
     def put_digests(
         self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]

@@ -171,7 +171,9 @@ class Linker:
         self.reporter = files.reporter
         self.problem = files.problem
         self.checkpoint = checkpoint
-        self._store_dirs: set[str] = set()
+        # At most 256 fan-out directories: each stays open for the run, sparing a path
+        # lookup per adopted object.
+        self._store_dirs: dict[str, int] = {}
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cowlink-close")
         self._closing = threading.BoundedSemaphore(2 * _BATCH)
 
@@ -182,8 +184,11 @@ class Linker:
             self._closing.release()
 
     def close(self) -> None:
-        """Wait until every replaced file has been let go of."""
+        """Wait until every replaced file has been let go of; close the store's directories."""
         self._closer.shutdown(wait=True)
+        for fd in self._store_dirs.values():
+            os.close(fd)
+        self._store_dirs.clear()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -246,13 +251,15 @@ class Linker:
 
     def _store_dir(self, name: str) -> int:
         parent = os.path.dirname(name)
-        if parent not in self._store_dirs:
+        fd = self._store_dirs.get(parent)
+        if fd is None:
             try:
                 os.mkdir(self.store / parent, 0o700)
             except FileExistsError:
                 pass
-            self._store_dirs.add(parent)
-        return os.open(self.store / parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self.store / parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._store_dirs[parent] = fd
+        return fd
 
     def _adopt(self, node: Candidate, key: LinkKey, full: bytes) -> _Object | None:
         """Make this inode a new store object in place: no data is copied."""
@@ -290,8 +297,6 @@ class Linker:
                     break
                 except FileExistsError:
                     slot += 1
-                finally:
-                    os.close(dir_fd)
             in_store = True
             if self.flags_ok:
                 _linux.set_immutable(fd, True)

@@ -512,14 +512,17 @@ class _Engine:
     ) -> list[tuple[bytes, list[Candidate]]]:
         """Split one size class into groups whose full digests are equal."""
         objects = self.index.by_size.get(size, [])
+        by_dev: dict[int, list[Candidate]] = defaultdict(list)
         for node in nodes:
-            tree = self.trees[node.names[0][0]]
-            rec = node.rec
+            by_dev[self.trees[node.names[0][0]].dev].append(node)
+        for dev, same_dev in by_dev.items():
             cached = self.catalogue.cached_digests(
-                tree.dev, rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns
+                dev, ((n.rec.ino, n.rec.size, n.rec.mtime_ns, n.rec.ctime_ns) for n in same_dev)
             )
-            if cached is not None:
-                node.head, node.full = cached
+            for node in same_dev:
+                found = cached.get(node.rec.ino)
+                if found is not None:
+                    node.head, node.full = found
         # Heads first: most same-sized files differ in their first 4 KiB.
         self._digest(nodes, full=False)
         by_head: dict[bytes, list[Candidate]] = defaultdict(list)

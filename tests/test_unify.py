@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,22 @@ def test_rerun_changes_nothing_and_counts_links(home: Path) -> None:
     assert report["already_linked"] == 6
     assert report["files_hashed"] == 0
     assert_same_manifest(before, a)
+
+
+def test_rerun_trusts_recorded_digests_only_while_the_stat_is_unchanged(home: Path) -> None:
+    a, b = make_guests(home, BIN)
+    # Same size as a shared file, different bytes: hashed, never linked.
+    lookalike = write(a / "usr/bin/other", b"#!/bin/sh\necho TOOL\n" * 300)
+    time.sleep(2.2)  # digests of files changed in the last 2 s are not kept (racy)
+    assert cowlink(home, "unify", "--json").json["files_linked"] == 3
+
+    assert cowlink(home, "unify", "--json").json["files_hashed"] == 0
+
+    write(lookalike, b"#!/bin/sh\necho tool\n" * 300)  # now a duplicate: hashed again
+    report = cowlink(home, "unify", "--json").json
+    assert report["files_hashed"] == 1
+    assert report["files_linked"] == 1
+    assert same_inode(lookalike, b / "usr/bin/tool")
 
 
 def test_a_third_guest_links_to_the_existing_object(home: Path) -> None:
