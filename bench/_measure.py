@@ -156,6 +156,62 @@ def disk_usage(paths: Iterable[Path], extra: Iterable[Path] = ()) -> Usage:
     return Usage(allocated=allocated, inodes=len(seen), file_names=names, file_inodes=file_inodes)
 
 
+#: What a name shows besides its content: mode, uid, gid, mtime in ns.
+Meta = tuple[int, int, int, int]
+
+
+def file_metadata(paths: Iterable[Path]) -> dict[bytes, tuple[int, int, Meta]]:
+    """Every regular file under `paths`: path -> (inode, allocated bytes, metadata)."""
+    files: dict[bytes, tuple[int, int, Meta]] = {}
+    for top in paths:
+        stack = [os.fsencode(top)]
+        root_dev = os.lstat(top).st_dev
+        while stack:
+            with os.scandir(stack.pop()) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        meta = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+                        files[entry.path] = (st.st_ino, st.st_blocks * 512, meta)
+                    elif stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev:
+                        stack.append(entry.path)
+    return files
+
+
+@dataclass(frozen=True)
+class MetadataChanges:
+    """What a deduplicating tool changed besides sharing data.
+
+    Attributes:
+        names: file names whose mode, owner or mtime (to the ns) is not what it was.
+        saved: allocated bytes saved by links that joined names of different metadata
+            (the links that changed those names).
+    """
+
+    names: int
+    saved: int
+
+
+def metadata_changes(
+    before: dict[bytes, tuple[int, int, Meta]], paths: Iterable[Path]
+) -> MetadataChanges:
+    """Compare the files under `paths` now with `before` (from `file_metadata`)."""
+    after = file_metadata(paths)
+    changed = sum(
+        1 for path, (_, _, meta) in after.items() if before.get(path, (0, 0, meta))[2] != meta
+    )
+    groups: dict[int, list[bytes]] = {}
+    for path, (ino, _, _) in after.items():
+        groups.setdefault(ino, []).append(path)
+    saved = 0
+    for ino, names in groups.items():
+        old = {before[p][0]: before[p] for p in names if p in before}
+        if len({meta for _, _, meta in old.values()}) > 1:
+            blocks = [b for i, b, _ in old.values() if i != ino]
+            saved += sum(blocks)
+    return MetadataChanges(names=changed, saved=saved)
+
+
 def dir_allocated(top: Path) -> int:
     """Allocated bytes of the directories (not the files) under `top`, `top` included."""
     if not top.is_dir():
