@@ -107,6 +107,10 @@ class Catalogue:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits (SQLite's data_version)."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         # IMMEDIATE: take the write lock up front, so busy_timeout applies; a deferred

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cowlink import _linux
-from tests._mounts import Guests, cowlink, make_guests, mounted, stat_view
+from tests._mounts import Guests, cowlink, make_guests, mounted, stat_view, write
 from tests._util import file_digest, manifest, need_fuse, need_immutable
 
 SHARED = b"shared content of a Debian file\n" * 100
@@ -476,3 +476,47 @@ def test_readers_during_a_break_see_no_errors(guests: Guests, tmp_path: Path) ->
             b"0123456789abcdef",
             b"X123456789abcdef",
         }
+
+
+@pytest.mark.parametrize("adopted", ["mounted guest", "other guest"])
+def test_unify_while_mounted_is_seen_by_the_running_guest(tmp_path: Path, adopted: str) -> None:
+    """The nightly unify runs while guests run: what it links must behave at once, whether
+    the mounted guest's inodes became the store objects or its names were replaced."""
+    need_fuse()
+    need_immutable()
+    home = tmp_path / "home"
+    g1, g2 = tmp_path / "g1", tmp_path / "g2"
+    for root in (g1, g2):
+        for rel, data in FILES.items():
+            write(root / rel, data)
+    os.link(g1 / "usr/share/a", g1 / "usr/share/a2")
+    with mounted(home, g1, tmp_path / "mnt") as mnt:
+        # The guest has looked at everything before unify runs.
+        before = {rel: (mnt / rel).read_bytes() for rel in FILES}
+        assert os.stat(mnt / "usr/share/a").st_nlink == 2
+        seen = {rel: os.stat(mnt / rel).st_ino for rel in FILES}
+        order = [g1, g2] if adopted == "mounted guest" else [g2, g1]
+        inode = os.stat(g1 / "usr/bin/tool").st_ino
+        cowlink(home, "unify", "--no-default-excludes", *map(str, order))
+        assert os.stat(g1 / "usr/share/a").st_ino == os.stat(g2 / "usr/share/a").st_ino
+        assert (os.stat(g1 / "usr/bin/tool").st_ino == inode) == (adopted == "mounted guest")
+        store = Guests(home, {"g1": g1, "g2": g2}, g1).store_state()
+
+        assert {rel: (mnt / rel).read_bytes() for rel in FILES} == before
+        assert {rel: os.stat(mnt / rel).st_ino for rel in FILES} == seen
+        assert os.stat(mnt / "usr/share/a").st_nlink == 2
+        with open(mnt / "usr/share/a", "ab") as f:
+            f.write(b"guest change\n")
+        # The guest's own hardlink follows; the other guest and the store do not.
+        assert (mnt / "usr/share/a2").read_bytes() == SHARED + b"guest change\n"
+        assert os.stat(mnt / "usr/share/a").st_ino == os.stat(mnt / "usr/share/a2").st_ino
+        with open(mnt / "usr/bin/tool", "ab") as f:
+            f.write(b"# local\n")
+        assert (mnt / "usr/bin/tool").read_bytes() == FILES["usr/bin/tool"] + b"# local\n"
+    assert (g1 / "usr/share/a2").read_bytes() == SHARED + b"guest change\n"
+    assert (g1 / "usr/bin/tool").read_bytes().endswith(b"# local\n")
+    assert (g2 / "usr/share/a").read_bytes() == SHARED
+    assert (g2 / "usr/bin/tool").read_bytes() == FILES["usr/bin/tool"]
+    after = Guests(home, {"g1": g1, "g2": g2}, g1).store_state()
+    # Same bytes, still immutable; only g1's links to the objects it wrote are gone.
+    assert {k: v[:2] for k, v in after.items()} == {k: v[:2] for k, v in store.items()}

@@ -28,13 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)  # helpers such as fusermount3 must not hold it
     home = Home(args.home)
-    catalogue = home.catalogue_path
     try:
         serve(
             MountOptions(
                 root=args.root,
                 mountpoint=args.mountpoint,
-                catalogue=catalogue if catalogue.exists() else None,
+                # Opened (made, if need be) even before any unify run: the first run may
+                # come while the guest is mounted, and the mount must see what it links.
+                catalogue=home.catalogue_path,
                 secret=home.secret(),
                 writeback=not args.no_writeback,
                 ready_fd=args.ready_fd,

@@ -1,13 +1,11 @@
 """What the catalogue says about one guest: which inodes are store objects, and its link groups.
 
 Used from the trio thread only (a Catalogue is bound to its thread). The guest's names
-are read once at mount time and mirrored in memory, so lookups and readdir never wait
-for SQLite; every change the guest makes to a shared name is written through at once,
-so a later `cowlink unify` run or another mount sees it.
-
-Notes:
-    A `cowlink unify` run over a mounted guest changes the tree under the daemon; the
-    mount does not see new objects or groups until it is remounted.
+are mirrored in memory, so lookups and readdir never wait for SQLite; every change the
+guest makes to a shared name is written through at once, so a later `cowlink unify` run
+or another mount sees it. When another process commits (a unify run over the mounted
+guest), `refresh` reads the names again and bumps `generation`, so the operations
+re-examine the files the kernel already knows.
 """
 
 from __future__ import annotations
@@ -39,10 +37,28 @@ class SharedIndex:
         self.root = root
         self._objects: set[tuple[int, int]] = set()
         self._not_objects: dict[tuple[int, int], int] = {}
-        self._group: dict[bytes, int] = catalogue.names(root)
+        self._group: dict[bytes, int] = {}
         self._members: defaultdict[int, set[bytes]] = defaultdict(set)
+        #: Bumped whenever another process's changes were read in.
+        self.generation = 0
+        self._version = catalogue.data_version()
+        self._load_names()
+
+    def _load_names(self) -> None:
+        self._group = self.catalogue.names(self.root)
+        self._members = defaultdict(set)
         for path, group in self._group.items():
             self._members[group].add(path)
+
+    def refresh(self) -> None:
+        """Catch up with what other processes committed since: new objects, new groups."""
+        version = self.catalogue.data_version()
+        if version == self._version:
+            return
+        self._version = version
+        self._not_objects.clear()
+        self._load_names()
+        self.generation += 1
 
     def close(self) -> None:
         self.catalogue.close()

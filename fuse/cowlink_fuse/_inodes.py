@@ -55,6 +55,7 @@ class Node:
         handles: open file handles, re-pointed when the file is broken.
         no_caps: the file is known to carry no security.capability xattr.
         listing: a directory's names as last read; None once anything changed in it.
+        checked: the SharedIndex generation at which `share` was last worked out.
     """
 
     ino: int
@@ -68,6 +69,7 @@ class Node:
     handles: set[int] = field(default_factory=set)
     no_caps: bool = False
     listing: list[bytes] | None = None
+    checked: int = 0
 
     @property
     def key(self) -> Key:

@@ -182,10 +182,15 @@ class CowlinkOperations(pyfuse3.Operations):
 
     def _node_at(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         """The node that `name` in `parent` leads to, made if new; the entry is recorded."""
+        known = self.table.entry(parent.ino, name)
+        if known is not None and (known.dev, known.bino) == (st.st_dev, st.st_ino):
+            self._recheck(known)
         share = self._share(st, parent, name)
         node = self.table.find((st.st_dev, st.st_ino, share))
         if node is None:
             node = self.table.add(st.st_dev, st.st_ino, st.st_mode, share)
+            if self.index is not None:
+                node.checked = self.index.generation
             if node.is_dir:
                 try:
                     node.dir_fd = os.open(name, _OPEN_DIR, dir_fd=parent.dir_fd)
@@ -200,6 +205,45 @@ class CowlinkOperations(pyfuse3.Operations):
         st = self._stat_at(parent, name)
         node = self._node_at(parent, name, st)
         return node, self._entry(node, st)
+
+    def _known(self, inode: int) -> Node:
+        """The node, brought up to date with what a unify run made of its file meanwhile."""
+        node = self.table.get(inode)
+        self._recheck(node)
+        return node
+
+    def _recheck(self, node: Node) -> None:
+        """Work out again what a file the kernel knows is, after another process (a unify
+        run over the mounted guest) committed to the catalogue: its inode may have been
+        adopted as a store object, or its names replaced by links to one. Until the node
+        says so, a write would meet the immutable flag, and the guest would see the
+        store's link count."""
+        index = self.index
+        if index is None or node.is_dir or self._breaking(node):
+            return
+        index.refresh()
+        if node.checked == index.generation:
+            return
+        node.checked = index.generation
+        backing: set[tuple[int, int]] = set()
+        found: tuple[Node, bytes, os.stat_result] | None = None
+        for parent_ino, name in list(node.names):
+            try:
+                parent = self.table.get(parent_ino)
+                st = self._stat_at(parent, name)
+            except (KeyError, FileNotFoundError):
+                continue
+            backing.add((st.st_dev, st.st_ino))
+            found = (parent, name, st)
+        if found is None or len(backing) != 1 or not stat.S_ISREG(found[2].st_mode):
+            return  # the kernel revalidates names that no longer lead here
+        parent, name, st = found
+        share = self._share(st, parent, name)
+        key = (st.st_dev, st.st_ino, share)
+        if key != node.key and self.table.find(key) is None:
+            # Same content and metadata (unify linked it only after comparing): the
+            # guest keeps its inode number; open handles keep reading the old inode.
+            self.table.rekey(node, st.st_dev, st.st_ino, share)
 
     def _where(self, node: Node) -> _cow.Where:
         """A live (directory fd, name) for a node, checked to still lead to it."""
@@ -322,7 +366,9 @@ class CowlinkOperations(pyfuse3.Operations):
         st = self._stat_at(parent, name)
         node = self.table.entry(parent.ino, name)
         if node is not None and (node.dev, node.bino) == (st.st_dev, st.st_ino):
-            return st, node.share
+            self._recheck(node)
+            if (node.dev, node.bino) == (st.st_dev, st.st_ino):
+                return st, node.share
         return st, self._share(st, parent, name)
 
     # -- lookups and attributes -------------------------------------------------------
@@ -356,7 +402,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self.table.get(inode)
+        node = self._known(inode)
         return self._entry(node, self._stat_node(node))
 
     @_handler
@@ -368,7 +414,7 @@ class CowlinkOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self.table.get(inode)
+        node = self._known(inode)
         changes = (
             fields.update_size
             or fields.update_mode
@@ -625,7 +671,7 @@ class CowlinkOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self.table.get(inode)
+        node = self._known(inode)
         parent = self.table.get(new_parent_inode)
         if node.share is not None:
             await self._break(node)  # a new name must join the guest's file, not the store's
@@ -659,7 +705,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self.table.get(inode)
+        node = self._known(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if node.share is not None and writing:
             await self._break(node, keep_data=not flags & os.O_TRUNC)
@@ -843,7 +889,7 @@ class CowlinkOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        node = self.table.get(inode)
+        node = self._known(inode)
         if node.share is not None:
             await self._break(node)
         node.no_caps = False
@@ -852,7 +898,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self.table.get(inode)
+        node = self._known(inode)
         if node.share is not None:
             await self._break(node)
         target, follow = self._xattr_target(node)
