@@ -7,8 +7,9 @@ every name is at every moment either the shared inode or a finished copy. The st
 other guests keep their links; the shared inode's immutable flag is cleared only inside
 `thawed` (under a read lease) for the renames, then restored.
 
-Callers hold the home's lock when they change store-linked names; the FUSE layer may call
-`make_private` from a worker thread (it blocks; it touches no global state).
+Callers hold the home's lock when they change store-linked names; the FUSE layer calls
+`copy_to_temp` and `move_names` from a worker thread (they block; they touch no global
+state).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -108,13 +109,14 @@ def make_private(
         st = os.fstat(src_fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
-        copy_fd, temp = copy_to_temp(src_fd, st, dir_fd, temp_names=temp_names, fsync=fsync)
+        temp = temp_names.make()
+        copy_fd = copy_to_temp(src_fd, st, dir_fd, temp, fsync=fsync)
         try:
             return move_names(
                 src_fd,
                 copy_fd,
                 [NameRef(dir_fd, name), *others],
-                temp_names=temp_names,
+                make_temp=temp_names.make,
                 first_temp=NameRef(dir_fd, temp),
             )
         finally:
@@ -124,17 +126,23 @@ def make_private(
 
 
 def copy_to_temp(
-    src_fd: int, st: os.stat_result, dir_fd: int, *, temp_names: TempNames, fsync: bool = False
-) -> tuple[int, bytes]:
-    """A finished copy of `src_fd` under a fresh temporary name in `dir_fd`: (fd, name).
+    src_fd: int,
+    st: os.stat_result,
+    dir_fd: int,
+    temp: bytes,
+    *,
+    fsync: bool = False,
+    keep_data: bool = True,
+) -> int:
+    """A finished copy of `src_fd` made under the new name `temp` in `dir_fd`; its fd.
 
     Owner is set before mode (chown clears set-id bits) and xattrs after both (chown
     strips security.capability); timestamps come last, since each step changes them.
+    `keep_data` False leaves the copy empty, for a caller about to truncate it anyway.
 
     Raises:
         OSError: nothing is left behind.
     """
-    temp = temp_names.make()
     fd = os.open(
         temp,
         os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -142,7 +150,8 @@ def copy_to_temp(
         dir_fd=dir_fd,
     )
     try:
-        copy_data(src_fd, fd, st.st_size)
+        if keep_data:
+            copy_data(src_fd, fd, st.st_size)
         os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
         for key, value in read_xattrs(src_fd):
@@ -157,7 +166,7 @@ def copy_to_temp(
         except OSError:
             pass
         raise
-    return fd, temp
+    return fd
 
 
 def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
@@ -199,7 +208,7 @@ def move_names(
     copy_fd: int,
     names: Sequence[NameRef],
     *,
-    temp_names: TempNames,
+    make_temp: Callable[[], bytes],
     first_temp: NameRef | None = None,
 ) -> PrivateCopy:
     """Rename links to `copy_fd` over each of `names` that still leads to `src_fd`'s inode.
@@ -221,7 +230,7 @@ def move_names(
             if spare is not None and spare.dir_fd == ref.dir_fd:
                 temp, spare = spare, None
             else:
-                temp = NameRef(ref.dir_fd, temp_names.make())
+                temp = NameRef(ref.dir_fd, make_temp())
                 _linux.link_fd(copy_fd, temp.dir_fd, temp.name)
             pending.append((ref, temp))
         with _thawed_if_flagged(src_fd):

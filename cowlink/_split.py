@@ -427,9 +427,8 @@ class _Split:
                 os.close(prepared.copy_fd)
                 prepared.copy_fd = None
                 group.moved = []
-            prepared.copy_fd, temp = copy_to_temp(
-                src_fd, st, refs[0].dir_fd, temp_names=self.temp_names
-            )
+            temp = self.temp_names.make()
+            prepared.copy_fd = copy_to_temp(src_fd, st, refs[0].dir_fd, temp)
             prepared.temp = NameRef(refs[0].dir_fd, temp)
             return prepared
         except (OSError, DirChanged) as exc:
@@ -447,7 +446,7 @@ class _Split:
                 prepared.src_fd,
                 prepared.copy_fd,
                 prepared.refs,
-                temp_names=self.temp_names,
+                make_temp=self.temp_names.make,
                 first_temp=prepared.temp,
             )
         except OSError as exc:

@@ -4,10 +4,10 @@ Blocking code, run in worker threads (trio.to_thread.run_sync); nothing here tou
 the inode table or the catalogue.
 
 A shared file is a store object: immutable, linked from the store and from guests.
-It is never opened for writing. A break copies it to a temporary name beside the
-guest's first name (data by reflink or copy_file_range, keeping holes; then owner,
-mode, every xattr, times), links the copy beside each other name of the guest's link
-group, and renames each temporary over its name. Renaming over, renaming or unlinking a
+It is never opened for writing. A break is `cowlink._copy`'s: a copy under a temporary
+name beside the guest's first name (data by reflink or copy_file_range, keeping holes;
+then owner, mode, every xattr, times), linked beside each other name of the guest's
+link group, each temporary renamed over its name. Renaming over, renaming or unlinking a
 name of an immutable inode needs its flag cleared for that moment: `cowlink._store.thawed`
 does that under a read lease, so nobody can have it open for writing meanwhile, and an
 flock on the object keeps two cowlink processes from thawing it at once.
@@ -18,25 +18,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from cowlink import _linux
+from cowlink._copy import NameRef, copy_to_temp, move_names
 from cowlink._store import thawed
 
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_SHARED = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC
-_NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS})
-_CHUNK = 1 << 30
 
 
-@dataclass(frozen=True)
-class Where:
-    """A name as a directory fd (borrowed, not closed here) and a name in it."""
-
-    dir_fd: int
-    name: bytes
+#: A name as a directory fd (borrowed, not closed here) and a name in it.
+Where = NameRef
 
 
 def open_dir(root_fd: int, path: bytes) -> int:
@@ -72,52 +65,6 @@ def names_changeable(fds: list[int]) -> Iterator[None]:
         for fd in sorted(fds, key=lambda f: os.fstat(f).st_ino):
             stack.enter_context(thawed(fd))
         yield
-
-
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy `size` bytes: a reflink where the filesystem has them, else only the data extents."""
-    try:
-        _linux.clone_file(src, dst)
-        return
-    except OSError as exc:
-        if exc.errno not in _NO_CLONE:
-            raise
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole remains
-                break
-            raise
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        _copy_range(src, dst, start, end)
-        offset = end
-    os.ftruncate(dst, size)
-
-
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
-    pos = start
-    while pos < end:
-        try:
-            n = os.copy_file_range(src, dst, min(end - pos, _CHUNK), pos, pos)
-        except OSError as exc:
-            if exc.errno not in _NO_CLONE:
-                raise
-            data = os.pread(src, min(end - pos, 1 << 20), pos)
-            n = os.pwrite(dst, data, pos) if data else 0
-        if n == 0:
-            raise OSError(errno.EIO, "the shared file is shorter than it was")
-        pos += n
-
-
-def copy_metadata(src: int, dst: int, st: os.stat_result) -> None:
-    """Owner, then mode (chown clears set-id bits), xattrs (chown drops capabilities), times."""
-    os.fchown(dst, st.st_uid, st.st_gid)
-    os.fchmod(dst, stat.S_IMODE(st.st_mode))
-    for name in os.listxattr(src):
-        os.setxattr(dst, name, os.getxattr(src, name))
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def break_links(
@@ -157,35 +104,10 @@ def break_links(
             raise OSError(errno.ESTALE, "no name of the group leads to the shared file")
         src = open_shared(names[0], ino)
         stack.callback(os.close, src)
-        st = os.fstat(src)
-        made: list[tuple[Where, bytes]] = []
-        first = names[0]
-        temp = temps[0]
-        dst = os.open(
-            temp,
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=first.dir_fd,
-        )
-        stack.callback(os.close, dst)
-        made.append((first, temp))
-        try:
-            if keep_data:
-                copy_data(src, dst, st.st_size)
-            copy_metadata(src, dst, st)
-            for where, other in zip(names[1:], temps[1:], strict=False):
-                os.link(temp, other, src_dir_fd=first.dir_fd, dst_dir_fd=where.dir_fd)
-                made.append((where, other))
-            with names_changeable([src]):
-                while made:
-                    where, name = made[0]
-                    os.rename(name, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
-                    made.pop(0)
-        finally:
-            for where, name in made:
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=where.dir_fd)
-        return os.fstat(dst)
+        first = Where(names[0].dir_fd, temps[0])
+        copy = copy_to_temp(src, os.fstat(src), first.dir_fd, first.name, keep_data=keep_data)
+        stack.callback(os.close, copy)
+        return move_names(src, copy, names, make_temp=iter(temps[1:]).__next__, first_temp=first).st
 
 
 def remove_leftovers(dir_fd: int, names: list[bytes]) -> None:
