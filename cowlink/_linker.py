@@ -129,6 +129,15 @@ class TreeFiles:
             raise
         return fd
 
+    def open_first(self, node: Candidate) -> int | None:
+        """`open` the candidate through its first name; None (and reported) if it changed."""
+        tree_index, rec = node.names[0]
+        try:
+            return self.open(tree_index, rec)
+        except (OSError, Changed) as exc:
+            self.skip(tree_index, rec, exc)
+            return None
+
     def skip(self, tree_index: int, rec: FileRec, exc: BaseException) -> None:
         """Report a file passed over: a guest's change is a skip, anything else a problem."""
         path = self.display(tree_index, rec)
@@ -265,10 +274,8 @@ class Linker:
         """Make this inode a new store object in place: no data is copied."""
         tree_index, rec = node.names[0]
         path = self.files.display(tree_index, rec)
-        try:
-            fd = self.files.open(tree_index, rec)
-        except (OSError, Changed) as exc:
-            self.files.skip(tree_index, rec, exc)
+        fd = self.files.open_first(node)
+        if fd is None:
             return None
         name = ""
         recorded: list[tuple[int, bytes]] = []
@@ -399,10 +406,8 @@ class Linker:
         """Open the candidate and compare its bytes with the object's; its fd if equal."""
         tree_index, rec = node.names[0]
         path = self.files.display(tree_index, rec)
-        try:
-            fd = self.files.open(tree_index, rec)
-        except (OSError, Changed) as exc:
-            self.files.skip(tree_index, rec, exc)
+        fd = self.files.open_first(node)
+        if fd is None:
             return None
         try:
             if not self._hand_flagged(fd, path):

@@ -48,7 +48,7 @@ from ._errors import (
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
 from ._home import Home
-from ._linker import Candidate, Changed, Counters, Linker, Reporter, TreeFiles
+from ._linker import Candidate, Counters, Linker, Reporter, TreeFiles
 from ._signals import StopRequest
 from ._store import LinkKey, TempNames, read_xattrs
 from ._storeindex import StoreIndex
@@ -548,14 +548,6 @@ class _Engine:
             if len(group) > 1 or full in object_fulls
         ]
 
-    def _open(self, node: Candidate) -> int | None:
-        tree_index, rec = node.names[0]
-        try:
-            return self.files.open(tree_index, rec)
-        except (OSError, Changed) as exc:
-            self.files.skip(tree_index, rec, exc)
-            return None
-
     def _digest(self, nodes: list[Candidate], *, full: bool) -> None:
         """Fill in head or full digests (and, while the file is open, its link key)."""
         for node in nodes:
@@ -566,7 +558,7 @@ class _Engine:
                 node.full = node.head
                 continue
             began = time.time_ns()
-            fd = self._open(node)
+            fd = self.files.open_first(node)
             if fd is None:
                 continue
             try:
@@ -620,7 +612,7 @@ class _Engine:
         by_key: dict[LinkKey, list[tuple[Candidate, LinkKey]]] = defaultdict(list)
         for node in members:
             if node.key is None:
-                fd = self._open(node)
+                fd = self.files.open_first(node)
                 if fd is None:
                     continue
                 try:
