@@ -98,6 +98,14 @@ class Catalogue:
                     os.replace(f"{path}{suffix}", f"{aside}{suffix}")
             return cls(_connect(path), path, aside)
 
+    @classmethod
+    def another(cls, path: Path) -> Catalogue:
+        """One more connection to a catalogue this run has opened (and checked) already."""
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return cls(db, path, None)
+
     def close(self) -> None:
         self._db.close()
 
@@ -157,6 +165,11 @@ class Catalogue:
                 if wanted[ino] == (size, mtime_ns, ctime_ns):
                     found[ino] = bytes(head), None if full is None else bytes(full)
         return found
+
+    def has_digests(self, dev: int) -> bool:
+        """Whether any digest of this device is recorded (a first run has none to look up)."""
+        row = self._db.execute("SELECT 1 FROM digests WHERE dev = ? LIMIT 1", (dev,)).fetchone()
+        return row is not None
 
     def put_digests(
         self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]

@@ -52,6 +52,14 @@ class Interrupted(CowlinkError):
         self.exit_code = 128 + signum
 
 
+class LaneFailed(CowlinkError):
+    """A worker process of a run ended on an error that ends the run; its exit code too."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class MountFailed(CowlinkError):
     """The mount daemon could not mount, or a mount point could not be unmounted."""
 

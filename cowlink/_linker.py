@@ -89,8 +89,7 @@ class _Object:
         self.nlink = nlink
 
     def close(self) -> None:
-        _linux.release_lease(self.fd)
-        os.close(self.fd)
+        os.close(self.fd)  # which releases the lease: no F_UNLCK round of its own
 
 
 class TreeFiles:

@@ -8,7 +8,7 @@ A run, under the home's lock:
 4. groups candidate inodes by size, then head digest, then full digest (cached in the
    catalogue while an inode's stat is unchanged), then by link key;
 5. links each group to one store object: an existing one, or a member adopted as a new
-   object. Adopting takes a read lease (no one may hold the file open for writing),
+   object; size classes are linked in parallel lanes (forked processes, see _lanes). Adopting takes a read lease (no one may hold the file open for writing),
    links the inode into the store, sets the immutable flag, then re-hashes it. Linking a
    file compares its bytes with the object's, re-lstats the name, then links the object
    to a MAC-named temporary name beside the file and renames it over the file.
@@ -21,8 +21,10 @@ a read lease, so nobody can open it for writing meanwhile.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import resource
+import signal
 import stat
 import time
 from array import array
@@ -39,6 +41,7 @@ from ._errors import (
     CowlinkError,
     FlagsNotPermitted,
     Interrupted,
+    LaneFailed,
     NotSameFilesystem,
     Problem,
     ReportsProblems,
@@ -48,6 +51,7 @@ from ._errors import (
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, full_digest, head_digest
 from ._home import Home
+from ._lanes import Channel, Event, LaneResult, can_fork, deal, default_lanes, run_lanes
 from ._linker import Candidate, Counters, Linker, Reporter, TreeFiles
 from ._signals import StopRequest
 from ._store import LinkKey, TempNames, read_xattrs
@@ -57,6 +61,9 @@ from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
 _RACY_NS = 2_000_000_000
+#: A file's cost, in bytes read, for dealing size classes to lanes: ~150 us of opening,
+#: comparing and linking is about what reading 256 KiB from the page cache takes.
+_FILE_COST = 256 * 1024
 #: Candidates of a size class are kept as tree index << _TREE_SHIFT | file index.
 _TREE_SHIFT = 40
 _FILE_MASK = (1 << _TREE_SHIFT) - 1
@@ -75,6 +82,7 @@ class UnifyOptions:
     allow_mutable: bool = False
     wait: bool = False
     metrics_file: str | None = None
+    jobs: int = 0  # processes that link in parallel; 0: one per CPU (see _lanes)
 
 
 @dataclass
@@ -283,6 +291,25 @@ def _check_same_filesystem(home: Home, roots: list[_Root]) -> None:
             )
 
 
+class _LaneReporter:
+    """A forked lane's reporter: everything goes to the parent, which reports it."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def action(self, path: bytes | str, what: str, reason: str, level: int = 1) -> None:
+        self._channel.send(("action", path, what, reason, level))
+
+    def problem(self, path: bytes | str, error: str) -> None:
+        self._channel.send(("problem", path, error))
+
+    def warning(self, message: str) -> None:
+        self._channel.send(("warning", message))
+
+    def progress(self, text: str) -> None:
+        pass  # show_progress sends the lane's counts instead
+
+
 class _WalkObserver(Observer):
     def __init__(self, engine: _Engine) -> None:
         self._engine = engine
@@ -312,6 +339,8 @@ class _Engine:
         self.catalogue = catalogue
         self.report = report
         self.dry_run = options.dry_run
+        #: Devices with digests on record; checked once, so a first run looks none up.
+        self._devs_with_digests: set[int] = set()
         self.counters = Counters(errors=report.errors)
         self.batch = catalogue.batch()
         self.index = StoreIndex(home.store_dir, catalogue)
@@ -323,6 +352,9 @@ class _Engine:
         self.linker: Linker | None = None
         self.files = TreeFiles([], [], reporter, self.counters)
         self._bytes_hashed = 0
+        self._lane_failure: tuple[int, str] | None = None
+        self._lane_progress: dict[int, tuple[int, int, int]] = {}
+        self._channel: Channel | None = None  # set in a forked lane
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -342,11 +374,18 @@ class _Engine:
         self.files.problem(path, error)
 
     def show_progress(self) -> None:
-        c = self.counters
+        hashed, bytes_hashed = self.report.files_hashed, self._bytes_hashed
+        linked = self.counters.files_linked
+        if self._channel is not None:
+            self._channel.send(("progress", hashed, bytes_hashed, linked))
+            return
+        for lane_hashed, lane_bytes, lane_linked in self._lane_progress.values():
+            hashed += lane_hashed
+            bytes_hashed += lane_bytes
+            linked += lane_linked
         self.reporter.progress(
             f"scanned {sum(t.regular_files for t in self.trees)} files, "
-            f"hashed {self.report.files_hashed} ({self._bytes_hashed >> 20} MiB), "
-            f"linked {c.files_linked}"
+            f"hashed {hashed} ({bytes_hashed >> 20} MiB), linked {linked}"
         )
 
     # -- the run ------------------------------------------------------------------------
@@ -380,6 +419,8 @@ class _Engine:
                     observer=_WalkObserver(self),
                 )
                 self.trees.append(tree)
+                if self.catalogue.has_digests(tree.dev):
+                    self._devs_with_digests.add(tree.dev)
                 self.openers.append(DirOpener(tree, fd, dir_fds))
             self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
             self.report.files_scanned = sum(t.regular_files for t in self.trees)
@@ -481,7 +522,102 @@ class _Engine:
                         bucket = buckets[size] = array("Q")
                     bucket.append(tree_index << _TREE_SHIFT | i)
         del wanted
-        for size in sorted(buckets, reverse=True):
+        lanes = min(self.options.jobs or default_lanes(), len(buckets))
+        if self.linker is None or lanes < 2 or not can_fork():
+            self._link_sizes(sorted(buckets, reverse=True), buckets)
+            return
+        # Weighed by bytes to read plus a per-file cost: both take time.
+        weights = {size: len(codes) * (size + _FILE_COST) for size, codes in buckets.items()}
+        self.batch.flush()  # a forked lane must not inherit rows it would write again
+        run_lanes(
+            deal(weights, lanes),
+            functools.partial(self._lane, buckets),
+            self.stop,
+            self._lane_event,
+            self._lane_result,
+        )
+        if self._lane_failure is not None:
+            code, message = self._lane_failure
+            raise LaneFailed(message, code)
+        self.checkpoint()  # a lane stopped by a signal stops the run
+
+    def _lane(
+        self, buckets: dict[int, array[int]], sizes: list[int], channel: Channel
+    ) -> LaneResult:
+        """Link these size classes as a forked lane (see _lanes); runs in the child."""
+        assert self.linker is not None
+        assert self.temp_names is not None
+        self._channel = channel
+        with storage_faults(str(self.home.path)):
+            # SQLite connections must not cross fork(): the lane gets its own.
+            self.catalogue = Catalogue.another(self.catalogue.path)
+            self.batch = self.catalogue.batch()
+            self.counters = Counters()
+            self.report.files_hashed = 0
+            self._bytes_hashed = 0
+            self.reporter = _LaneReporter(channel)
+            self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
+            self.linker = Linker(
+                store=self.home.store_dir,
+                files=self.files,
+                index=self.index,
+                batch=self.batch,
+                temp_names=self.temp_names,
+                flags_ok=self.flags_ok,
+                link_max=self.linker.link_max,
+                counters=self.counters,
+                checkpoint=self.checkpoint,
+            )
+            stopped = 0
+            try:
+                self._link_sizes(sizes, buckets)
+            except _Stop:
+                stopped = self.stop_signal
+            finally:
+                self.linker.close()
+                self.batch.flush()
+                self.catalogue.close()
+        c = self.counters
+        return LaneResult(
+            files_linked=c.files_linked,
+            objects_created=c.objects_created,
+            bytes_saved=c.bytes_saved,
+            files_hashed=self.report.files_hashed,
+            bytes_hashed=self._bytes_hashed,
+            errors=c.errors,
+            stopped=stopped,
+        )
+
+    def _lane_event(self, lane: int, event: Event) -> None:
+        kind, *args = event
+        if kind == "action":
+            self.reporter.action(*args)
+        elif kind == "problem":
+            self.reporter.problem(*args)
+        elif kind == "warning":
+            self.reporter.warning(*args)
+        elif kind == "progress":
+            self._lane_progress[lane] = (args[0], args[1], args[2])
+            self.show_progress()
+
+    def _lane_result(self, lane: int, result: LaneResult) -> None:
+        self._lane_progress.pop(lane, None)
+        c = self.counters
+        c.files_linked += result.files_linked
+        c.objects_created += result.objects_created
+        c.bytes_saved += result.bytes_saved
+        c.errors.extend(result.errors)
+        self.report.files_hashed += result.files_hashed
+        self._bytes_hashed += result.bytes_hashed
+        if result.stopped and not self.stop.signum:
+            self.stop.signum = result.stopped
+        if result.fatal is not None:
+            self._lane_failure = self._lane_failure or result.fatal
+            # The other lanes stop at their next safe point.
+            self.stop.signum = self.stop.signum or signal.SIGTERM
+
+    def _link_sizes(self, sizes: list[int], buckets: dict[int, array[int]]) -> None:
+        for size in sizes:
             self.checkpoint()
             for full, members in self._content_groups(size, self._candidates(buckets.pop(size))):
                 for group in self._key_groups(members):
@@ -516,6 +652,8 @@ class _Engine:
         for node in nodes:
             by_dev[self.trees[node.names[0][0]].dev].append(node)
         for dev, same_dev in by_dev.items():
+            if dev not in self._devs_with_digests:
+                continue
             cached = self.catalogue.cached_digests(
                 dev, ((n.rec.ino, n.rec.size, n.rec.mtime_ns, n.rec.ctime_ns) for n in same_dev)
             )

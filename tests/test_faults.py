@@ -197,9 +197,10 @@ def test_split_on_a_full_filesystem_refuses_or_stops_cleanly(
         assert_same_manifest(before[root], root)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_unify_on_a_full_filesystem_stops_cleanly(
-    small_fs: Path, monkeypatch: pytest.MonkeyPatch, when: str
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch, when: str, jobs: str
 ) -> None:
     from cowlink import _hashing
 
@@ -208,17 +209,18 @@ def test_unify_on_a_full_filesystem_stops_cleanly(
     assert cowlink(home, "unify").exit_code == 0  # the home, store and catalogue exist
     a, b = big_guests(home)
     before = {r: manifest(r) for r in (a, b)}
-    filled: list[Path] = []
+    filler = small_fs / "filler"
     if when == "before":
-        filled.append(fill(small_fs))
+        fill(small_fs)
     else:
         # Another writer fills the disk while unify links the fifth file, and takes every
-        # inode that replaced files free afterwards.
+        # inode that replaced files free afterwards. The disk tells whether it is full
+        # yet: with --jobs, the hooks run in forked lanes.
         def fill_up() -> None:
-            if filled:
-                take_inodes(filled[0])
+            if filler.exists():
+                take_inodes(filler)
             elif len(calls) >= 5:
-                filled.append(fill(small_fs, inodes=True))
+                fill(small_fs, inodes=True)
 
         calls: list[int] = []
 
@@ -238,9 +240,9 @@ def test_unify_on_a_full_filesystem_stops_cleanly(
         monkeypatch.setattr("cowlink._linker.same_content", comparing)
         monkeypatch.setattr(Linker, "_adopt", adopting)
 
-    result = cowlink(home, "unify")
+    result = cowlink(home, "unify", "--jobs", jobs)
 
-    assert filled
+    assert filler.exists()
     assert result.exit_code in (1, 2), result.stderr
     assert "No space left on device" in result.stderr or "is full" in result.stderr
     assert "Traceback" not in result.stderr
@@ -249,7 +251,7 @@ def test_unify_on_a_full_filesystem_stops_cleanly(
         assert after == before[root]
 
     monkeypatch.undo()
-    shutil.rmtree(filled[0])
+    shutil.rmtree(filler)
     rerun = cowlink(home, "unify", "--json")
     assert rerun.exit_code == 0, rerun.stderr
     assert same_inode(a / "usr/lib/big3", b / "usr/lib/big3")
@@ -290,7 +292,7 @@ def after_calls(n: int, real: Callable[..., Any], then: Callable[[], None]) -> C
     return wrapper
 
 
-@pytest.mark.parametrize("command_name", ["unify", "split"])
+@pytest.mark.parametrize("command_name", ["unify", "unify --jobs 1", "split"])
 def test_filesystem_turning_read_only_mid_run(
     small_fs: Path, monkeypatch: pytest.MonkeyPatch, command_name: str
 ) -> None:
@@ -307,7 +309,7 @@ def test_filesystem_turning_read_only_mid_run(
     else:
         target = "cowlink._linker.same_content"
         real = _hashing.same_content
-        args = ["unify"]
+        args = command_name.split()
     before = {r: manifest(r) for r in (a, b)}
     os.sync()  # the guests' own data is on disk before the fault
     monkeypatch.setattr(target, after_calls(5, real, lambda: go_read_only(small_fs)))

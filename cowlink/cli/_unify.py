@@ -54,6 +54,13 @@ from ._output import Console
     is_flag=True,
     help="Link even where the filesystem cannot make store objects immutable.",
 )
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Processes that link in parallel (default 0: one per CPU, at most 8).",
+)
 @click.option("--wait", is_flag=True, help="Wait for another run to finish instead of exit 75.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
 @click.option(
@@ -77,6 +84,7 @@ def unify(
     exclude_files: tuple[str, ...],
     no_default_excludes: bool,
     allow_mutable: bool,
+    jobs: int,
     wait: bool,
     as_json: bool,
     metrics_file: str | None,
@@ -99,6 +107,7 @@ def unify(
         exclude_files=list(exclude_files),
         default_excludes=not no_default_excludes,
         allow_mutable=allow_mutable,
+        jobs=jobs,
         wait=wait,
         metrics_file=metrics_file,
     )

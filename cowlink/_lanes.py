@@ -1,0 +1,240 @@
+"""Lanes: a run's size classes dealt out to forked worker processes, linked in parallel.
+
+Files of different sizes never share a store object, so size classes can be linked
+independently. Each lane is a forked copy of the engine (the walk's tables are shared
+copy-on-write) that opens its own catalogue connection and links its own size classes.
+What a lane reports (actions, problems, progress) and its final counts come back to the
+parent over a pipe, and the parent hands them to its reporter, so a lane prints nothing
+itself. A lane dies with its parent (PR_SET_PDEATHSIG): killing unify kills all of it,
+as with one process, and the next run recovers as from any interrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _linux
+from ._errors import EXIT_FATAL, CowlinkError, Problem, storage_fault
+from ._signals import StopRequest
+
+#: Events a lane gathers before it writes them to the parent in one message.
+_EVENTS_PER_MESSAGE = 256
+_LENGTH = struct.Struct("!I")
+
+Event = tuple[Any, ...]
+
+
+@dataclass
+class LaneResult:
+    """What one lane did, and how it ended."""
+
+    files_linked: int = 0
+    objects_created: int = 0
+    bytes_saved: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    errors: list[Problem] = field(default_factory=list)
+    #: The stop signal that ended the lane at a safe point, else 0.
+    stopped: int = 0
+    #: (exit code, message) of the error that ended the lane, else None.
+    fatal: tuple[int, str] | None = None
+
+
+class Channel:
+    """A lane's way to its parent: events, gathered and written in batches."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: list[Event] = []
+
+    def send(self, event: Event) -> None:
+        self._pending.append(event)
+        if len(self._pending) >= _EVENTS_PER_MESSAGE:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        payload = pickle.dumps(self._pending)
+        self._pending = []
+        view = memoryview(_LENGTH.pack(len(payload)) + payload)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
+def default_lanes() -> int:
+    """One lane per CPU this process may run on, at most 8 (the disk is shared anyway)."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def deal(weights: dict[int, int], lanes: int) -> list[list[int]]:
+    """Deal size classes (size -> weight) into `lanes` lists of about equal weight.
+
+    Heaviest first, each to the lightest lane; each lane then runs largest size first,
+    as a single process does. Empty lanes are dropped.
+    """
+    loads = [0] * lanes
+    dealt: list[list[int]] = [[] for _ in range(lanes)]
+    for size, weight in sorted(weights.items(), key=lambda item: (-item[1], -item[0])):
+        lane = loads.index(min(loads))
+        dealt[lane].append(size)
+        loads[lane] += weight
+    return [sorted(sizes, reverse=True) for sizes in dealt if sizes]
+
+
+def can_fork() -> bool:
+    """fork() copies only the calling thread: a lock another thread held would stay
+    locked in the child for ever, so lanes are only forked from a single-threaded process."""
+    return threading.active_count() == 1
+
+
+def run_lanes(
+    lanes: Sequence[list[int]],
+    work: Callable[[list[int], Channel], LaneResult],
+    stop: StopRequest,
+    on_event: Callable[[int, Event], None],
+    on_result: Callable[[int, LaneResult], None],
+) -> None:
+    """Run `work(sizes, channel)` in one forked child per lane; wait for all of them.
+
+    Each event a lane sends reaches `on_event(lane index, event)`, its result
+    `on_result(lane index, result)`. A stop signal this process gets is passed on to the
+    lanes, which stop at their next safe point. A lane that dies without a result counts
+    as failed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    children: dict[int, tuple[int, int]] = {}  # read end of its pipe -> (lane, pid)
+    try:
+        for lane, sizes in enumerate(lanes):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_fd)
+                _child(sizes, work, write_fd, parent)
+            os.close(write_fd)
+            children[read_fd] = (lane, pid)
+    except BaseException:
+        for _, pid in children.values():
+            _signal(pid, signal.SIGTERM)
+        _collect(children, stop, on_event, on_result)
+        raise
+    _collect(children, stop, on_event, on_result)
+
+
+def _child(
+    sizes: list[int], work: Callable[[list[int], Channel], LaneResult], write_fd: int, parent: int
+) -> None:
+    """The body of a lane process; never returns."""
+    code = EXIT_FATAL
+    try:
+        _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(code)
+        channel = Channel(write_fd)
+        try:
+            result = work(sizes, channel)
+        except BaseException as exc:
+            result = LaneResult(fatal=_as_fatal(exc))
+        channel.send(("result", result))
+        channel.flush()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _as_fatal(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, CowlinkError):
+        return exc.exit_code, exc.message
+    if isinstance(exc, OSError):
+        fault = storage_fault(exc, exc.filename or "the filesystem")
+        if fault is not None:
+            return fault.exit_code, fault.message
+    return EXIT_FATAL, "".join(traceback.format_exception(exc)).rstrip()
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _collect(
+    children: dict[int, tuple[int, int]],
+    stop: StopRequest,
+    on_event: Callable[[int, Event], None],
+    on_result: Callable[[int, LaneResult], None],
+) -> None:
+    """Hand on every lane's events and result, passing on stop signals; reap them all."""
+    buffers = {fd: bytearray() for fd in children}
+    forwarded = 0
+    while buffers:
+        if stop.signum and stop.signum != forwarded:
+            forwarded = stop.signum
+            for _, pid in children.values():
+                _signal(pid, forwarded)
+        try:
+            ready, _, _ = select.select(list(buffers), [], [], 0.2)
+        except InterruptedError:
+            continue
+        for fd in ready:
+            lane, pid = children[fd]
+            chunk = os.read(fd, 1 << 16)
+            buffer = buffers[fd]
+            if chunk:
+                buffer += chunk
+                _dispatch(lane, buffer, on_event, on_result)
+                continue
+            del buffers[fd]
+            os.close(fd)
+            status = _reap(pid)
+            if status is not None:
+                on_result(lane, LaneResult(fatal=(EXIT_FATAL, f"unify lane {pid} {status}")))
+
+
+def _dispatch(
+    lane: int,
+    buffer: bytearray,
+    on_event: Callable[[int, Event], None],
+    on_result: Callable[[int, LaneResult], None],
+) -> None:
+    """Hand on each whole message in `buffer`, and drop it from there."""
+    while len(buffer) >= _LENGTH.size:
+        (length,) = _LENGTH.unpack_from(buffer)
+        end = _LENGTH.size + length
+        if len(buffer) < end:
+            return
+        events: list[Event] = pickle.loads(bytes(buffer[_LENGTH.size : end]))
+        del buffer[:end]
+        for event in events:
+            if event[0] == "result":
+                on_result(lane, event[1])
+            else:
+                on_event(lane, event)
+
+
+def _reap(pid: int) -> str | None:
+    """Wait for a lane; None when it ended well, else how it ended."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return None
+        if os.WIFSIGNALED(status):
+            return f"was killed by signal {os.WTERMSIG(status)}"
+        code = os.waitstatus_to_exitcode(status)
+        return None if code == 0 else f"exited with status {code}"
