@@ -8,13 +8,19 @@ It copies /var/cache/cowlink-corpus/g1..g4 into a home under /var/tmp (the same
 filesystem as the corpus), unifies it with `cowlink unify` (falling back to util-linux
 `hardlink` plus a fake store when unify is unavailable), warms the caches, then times,
 alternating: `du -s --total -B1` over the guest roots, the same plus the store (what
-`cowlink du` walks), `cowlink du` as a process, and the in-process measurement alone.
-Wall times are the minimum and median of N runs; peak RSS comes from wait4().
+`cowlink du` walks), `cowlink du` as a process (the installed `cowlink` script, as an
+operator runs it), its start-up alone (`python -c pass`, `cowlink --version`), and the
+in-process measurement alone. Wall times are the minimum and median of N runs; peak RSS
+comes from GNU time.
+
+cowlink's modules are byte-compiled first, as `pip install` does: with an editable
+install and PYTHONDONTWRITEBYTECODE set, every run would otherwise compile them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import resource
 import shutil
@@ -111,13 +117,21 @@ def main() -> None:
     try:
         roots = [str(home / "guests" / g / "root") for g in GUESTS]
         store = str(home / "store")
+        script = Path(sys.executable).with_name("cowlink")
+        cowlink = [str(script)] if script.exists() else [sys.executable, "-m", "cowlink"]
         commands = {
             "du -s --total (guest roots)": ["du", "-s", "--total", "-B1", *roots],
             "du -s --total (roots + store)": ["du", "-s", "--total", "-B1", *roots, store],
-            "cowlink du": [sys.executable, "-m", "cowlink", "--home", str(home), "du", "--bytes"],
+            "cowlink du": [*cowlink, "--home", str(home), "du", "--bytes"],
+            "  python -c pass": [sys.executable, "-c", "pass"],
+            "  cowlink --version": [*cowlink, "--version"],
         }
+        import cowlink as package
         from cowlink._du import measure_home
         from cowlink._home import Home
+
+        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
+        print(f"load average at the start: {os.getloadavg()[0]:.2f}")
 
         h = Home(home)
         for cmd in commands.values():

@@ -28,8 +28,17 @@ looks up one name, not a whole path) that keeps no per-file objects except one s
 tuple per multiply-linked inode. Once an inode with several links has been stat'ed,
 later links to it are recognised by the directory entry's inode number (`d_ino`) and
 need no stat at all; this is checked against `st_ino` on every stat and abandoned (the
-walk starts again without it) on a filesystem where the two differ. With a CPU to
-spare, a forked second process takes guests (or the store) from a shared queue.
+walk starts again without it) on a filesystem where the two differ.
+
+The walk goes by relative path rather than guest by guest: the top of the trees is
+listed first (the roots, then the heaviest directories, the same relative path in every
+guest at once), and what is below is cut into subtrees, each walked in every guest that
+has it, one guest after the other. Unified guests link the same files at the same
+relative paths, so a subtree's later guests find most inodes already stat'ed. With a
+CPU to spare, a forked second process takes subtrees from a shared queue, so the two
+processes split the work evenly and each keeps the d_ino shortcut for what it walks.
+The cut depends on the trees alone, so one process or two walk in the same order and
+report the same first path for every inode.
 """
 
 from __future__ import annotations
@@ -215,9 +224,8 @@ class _Lane:
         self.blocks = [0] * n  # their st_blocks
         self.unlinked = [0] * n  # st_blocks of every path
         self.links: list[dict[int, int]] = [{} for _ in range(n)]  # key -> paths in guest
-        self.owners: list[dict[int, tuple[int, int]]] = [
-            {} for _ in range(n)
-        ]  # key -> (order, row)
+        # With --depth: key -> (walk order, row) of the first directory linking it.
+        self.owners: list[dict[int, tuple[int, int]]] = [{} for _ in range(n)]
         self.seen: dict[int, _Info] = {}
         self.rows: list[DirUsage] = []
         self.problems: list[Problem] = []
@@ -467,8 +475,10 @@ def _plan(lane: _Lane, roots: list[_Holder]) -> tuple[list[list[_Holder]], int]:
                 key=lambda r: (weights[r], r),
                 default="",
             )
-            if not rel or weights[rel] * _SPLIT_PARTS <= sum(weights.values()) or (
-                listings >= _SPLIT_LISTINGS
+            if (
+                not rel
+                or weights[rel] * _SPLIT_PARTS <= sum(weights.values())
+                or (listings >= _SPLIT_LISTINGS)
             ):
                 break
         else:
@@ -561,13 +571,23 @@ class _LaneFailed(Exception):
     """The second walking process died; the measurement is redone in one process."""
 
 
-def _can_fork() -> bool:
-    """A second lane pays only with a CPU to spare (measured: it loses when both are busy).
+#: Directories the top of the trees must hold before a second lane is worth its few
+#: milliseconds (fork, sending its figures back): the bench's four guests have 476.
+_FORK_MIN_DIRS = 200
+
+
+def _can_fork(lane: _Lane) -> bool:
+    """A second lane pays on big trees with a CPU to spare (bench/README.md, cowlink du).
 
     Forking a process that runs other threads could also copy a lock in a held state.
     """
     cpus = len(os.sched_getaffinity(0))
-    return threading.active_count() == 1 and cpus > 1 and os.getloadavg()[0] < cpus - 1
+    return (
+        sum(lane.dirs) >= _FORK_MIN_DIRS
+        and threading.active_count() == 1
+        and cpus > 1
+        and os.getloadavg()[0] < cpus - 1
+    )
 
 
 def _run(
@@ -584,7 +604,7 @@ def _run(
         lane, plan, base = _start(guests, store, depth, trust_d_ino, paths)
         items = len(plan) + (store is not None)
         two = attempt and items > 1 and items < 0x8000  # the queue must fit a pipe's 64 KiB
-        if two and (parallel if parallel is not None else _can_fork()):
+        if two and (parallel if parallel is not None else _can_fork(lane)):
             try:
                 _run_two_lanes(lane, plan, base, store)
                 return lane
@@ -691,9 +711,6 @@ def _run_two_lanes(lane: _Lane, plan: list[list[_Holder]], base: int, store: str
     if code != 0:
         raise _LaneFailed
     _merge(lane, marshal.loads(data), pre_rows)
-
-
-_ROW_FIELDS = ("guest", "path", "depth", "files", "apparent_bytes", "allocated_bytes")
 
 
 def _lane_state(lane: _Lane, pre_seen: int) -> tuple[Any, ...]:
