@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import os
 import stat
 import threading
@@ -63,6 +64,7 @@ _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
 _DEV_SHIFT = 64  # inode keys of a second filesystem are ino | index << 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NLINK, _BLOCKS, _SIZE = (operator.itemgetter(i) for i in range(3))  # fields of an _Info
 
 
 @dataclass
@@ -820,17 +822,19 @@ def _summarise(lane: _Lane, guests: list[GuestUsage], store: str | None, top: in
         usage.files = lane.files[index]
         usage.dirs = lane.dirs[index]
         usage.unlinked_bytes = lane.unlinked[index] * BLOCK
-        size = lane.apparent[index]
-        blocks = lane.blocks[index]
-        shared = 0
-        fair = 0.0
-        for key, count in mine.items():
-            info = seen[key]
-            size += info[2]
-            blocks += info[1]
-            if count < info[0]:
-                shared += info[1]
-                fair += info[1] / n_guests[key]
+        # Column by column, in C: each inode's first stat, and whether it has links
+        # outside this guest (fewer paths here than st_nlink).
+        infos = list(map(seen.__getitem__, mine))
+        inode_blocks = list(map(_BLOCKS, infos))
+        shared = list(map(operator.lt, mine.values(), map(_NLINK, infos)))
+        shared_blocks = list(itertools.compress(inode_blocks, shared))
+        sharers = map(n_guests.__getitem__, itertools.compress(mine, shared))
+        fair = sum(map(operator.truediv, shared_blocks, sharers))
+        usage.apparent_bytes = lane.apparent[index] + sum(map(_SIZE, infos))
+        usage.allocated_bytes = (lane.blocks[index] + sum(inode_blocks)) * BLOCK
+        usage.shared_bytes = sum(shared_blocks) * BLOCK
+        usage.exclusive_bytes = usage.allocated_bytes - usage.shared_bytes
+        usage.fair_share_bytes = round(fair * BLOCK)
         for key, (_order, row) in lane.owners[index].items():
             nlink, nblocks, nsize = seen[key][:3]
             r = rows[row]
@@ -840,11 +844,6 @@ def _summarise(lane: _Lane, guests: list[GuestUsage], store: str | None, top: in
                 r.shared_bytes += nblocks
             else:
                 r.exclusive_bytes += nblocks
-        usage.apparent_bytes = size
-        usage.allocated_bytes = blocks * BLOCK
-        usage.shared_bytes = shared * BLOCK
-        usage.exclusive_bytes = usage.allocated_bytes - usage.shared_bytes
-        usage.fair_share_bytes = round(fair * BLOCK)
     # Sizes were gathered in 512-byte blocks; roll directories up into their parents.
     for r in rows:
         r.allocated_bytes *= BLOCK
@@ -871,16 +870,11 @@ def _summarise(lane: _Lane, guests: list[GuestUsage], store: str | None, top: in
         store_objects=lane.store_objects,
         store_bytes=lane.store_blocks * BLOCK,
     )
-    # Every inode once: each guest's figures count its multiply-linked inodes once per
-    # guest, so take those out and add each such inode a single time.
-    extra_blocks = extra_size = 0
-    for key, n in n_guests.items():
-        if n > 1:
-            info = seen[key]
-            extra_blocks += info[1] * (n - 1)
-            extra_size += info[2] * (n - 1)
-    totals.allocated_bytes = sum(g.allocated_bytes for g in guests) - extra_blocks * BLOCK
-    totals.apparent_bytes = sum(g.apparent_bytes for g in guests) - extra_size
+    # Every inode once: what the guests hold alone, plus each multiply-linked inode
+    # that any of them links, a single time.
+    every = list(map(seen.__getitem__, n_guests))
+    totals.allocated_bytes = (sum(lane.blocks) + sum(map(_BLOCKS, every))) * BLOCK
+    totals.apparent_bytes = sum(lane.apparent) + sum(map(_SIZE, every))
     totals.saved_bytes = totals.unlinked_bytes - totals.allocated_bytes
     if totals.unlinked_bytes:
         totals.saved_ratio = totals.saved_bytes / totals.unlinked_bytes
