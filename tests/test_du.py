@@ -349,6 +349,20 @@ def test_a_walk_cut_into_subtrees_changes_nothing(
     assert rows[("a", "etc")].allocated_bytes == _gnu_du(a / "etc")[0]
 
 
+def test_a_second_lane_only_for_big_trees_with_an_idle_cpu(
+    corpus: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _du._runnable() >= 1  # this process, at least
+    guests = _guests([(g, str(corpus.guest_root(g))) for g in "abc"])
+    lane, _plan, _base = _du._start(guests, str(corpus.store_dir), None, True, False)
+    monkeypatch.setattr(_du, "_runnable", lambda: 1)
+    assert not _du._can_fork(lane)  # a small home: the fork would cost more than it saves
+    monkeypatch.setattr(_du, "_FORK_MIN_DIRS", 1)
+    assert _du._can_fork(lane) == (len(os.sched_getaffinity(0)) > 1)
+    monkeypatch.setattr(_du, "_runnable", lambda: os.cpu_count())
+    assert not _du._can_fork(lane)  # every CPU busy
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_each_run_sees_the_trees_as_they_are_now(corpus: Home, parallel: bool) -> None:
     _deep_links(corpus)
