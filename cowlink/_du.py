@@ -380,7 +380,7 @@ class _Lane:
             dev = os.lstat(store).st_dev
         except OSError:
             return
-        devkey = self.devkeys[dev]
+        devkey = self.devkeys.setdefault(dev, len(self.devkeys) << _DEV_SHIFT)
         mounts = frozenset(_below(self.mounts, store))
         seen_get = self.seen.get
         trust = self.trust
