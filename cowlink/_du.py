@@ -57,7 +57,7 @@ from typing import Any
 
 from ._errors import Problem, UsageError
 from ._home import Home
-from ._linux import mount_points
+from ._mountinfo import mount_points
 
 BLOCK = 512  # st_blocks is always in 512-byte units, whatever the filesystem's block size
 _S_IFMT = 0o170000
