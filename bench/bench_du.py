@@ -8,13 +8,19 @@ It copies /var/cache/cowlink-corpus/g1..g4 into a home under /var/tmp (the same
 filesystem as the corpus), unifies it with `cowlink unify` (falling back to util-linux
 `hardlink` plus a fake store when unify is unavailable), warms the caches, then times,
 alternating: `du -s --total -B1` over the guest roots, the same plus the store (what
-`cowlink du` walks), `cowlink du` as a process, and the in-process measurement alone.
-Wall times are the minimum and median of N runs; peak RSS comes from wait4().
+`cowlink du` walks), `cowlink du` as a process (the installed `cowlink` script, as an
+operator runs it), its start-up alone (`python -c pass`, `cowlink --version`), and the
+in-process measurement alone. Wall times are the minimum and median of N runs; peak RSS
+comes from GNU time.
+
+cowlink's modules are byte-compiled first, as `pip install` does: with an editable
+install and PYTHONDONTWRITEBYTECODE set, every run would otherwise compile them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import resource
 import shutil
@@ -93,13 +99,62 @@ def _fmt(samples: list[float]) -> str:
     return f"min {min(samples) * 1000:7.1f} ms  median {statistics.median(samples) * 1000:7.1f} ms"
 
 
+def _lanes_study(home: Path, seconds: float) -> None:
+    """When does the second lane pay? Paired runs, in random order, against the host's state."""
+    import random
+
+    from cowlink._du import measure_home
+    from cowlink._home import Home
+
+    h = Home(home)
+    runs: list[tuple[float, int, float, float]] = []  # load1, runnable, one lane, two lanes
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        fields = Path("/proc/loadavg").read_text().split()
+        wall: dict[bool, float] = {}
+        for parallel in random.sample([False, True], 2):
+            start = time.perf_counter()
+            measure_home(h, parallel=parallel)
+            wall[parallel] = time.perf_counter() - start
+        runs.append((float(fields[0]), int(fields[3].split("/")[0]), wall[False], wall[True]))
+        time.sleep(0.2)
+
+    def row(label: str, sample: list[tuple[float, int, float, float]]) -> None:
+        if sample:
+            one = statistics.median(r[2] for r in sample) * 1000
+            two = statistics.median(r[3] for r in sample) * 1000
+            wins = sum(r[3] < r[2] for r in sample)
+            print(
+                f"{label:28s} n={len(sample):4d}  median one lane {one:6.1f} ms,"
+                f" two lanes {two:6.1f} ms; two won {wins}/{len(sample)}"
+            )
+
+    row("all", runs)
+    for n in sorted({r[1] for r in runs}):
+        row(f"runnable (this one incl.) {n}", [r for r in runs if r[1] == n])
+    for lo in sorted({int(r[0] * 2) / 2 for r in runs}):
+        row(f"load1 in [{lo}, {lo + 0.5})", [r for r in runs if lo <= r[0] < lo + 0.5])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=11)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--keep", metavar="DIR", help="build the unified home in DIR and keep it")
     group.add_argument("--reuse", metavar="DIR", help="a home built earlier with --keep")
+    parser.add_argument(
+        "--lanes-study",
+        type=float,
+        metavar="SECONDS",
+        help="instead: for SECONDS, pair one-lane and two-lane measure_home() runs and"
+        " tabulate who won by what /proc/loadavg said just before",
+    )
     args = parser.parse_args()
+    if args.lanes_study:
+        if not args.reuse:
+            parser.error("--lanes-study needs --reuse DIR")
+        _lanes_study(Path(args.reuse), args.lanes_study)
+        return
 
     if args.reuse:
         home, how, cleanup = Path(args.reuse), "reused", False
@@ -111,13 +166,21 @@ def main() -> None:
     try:
         roots = [str(home / "guests" / g / "root") for g in GUESTS]
         store = str(home / "store")
+        script = Path(sys.executable).with_name("cowlink")
+        cowlink = [str(script)] if script.exists() else [sys.executable, "-m", "cowlink"]
         commands = {
             "du -s --total (guest roots)": ["du", "-s", "--total", "-B1", *roots],
             "du -s --total (roots + store)": ["du", "-s", "--total", "-B1", *roots, store],
-            "cowlink du": [sys.executable, "-m", "cowlink", "--home", str(home), "du", "--bytes"],
+            "cowlink du": [*cowlink, "--home", str(home), "du", "--bytes"],
+            "  python -c pass": [sys.executable, "-c", "pass"],
+            "  cowlink --version": [*cowlink, "--version"],
         }
+        import cowlink as package
         from cowlink._du import measure_home
         from cowlink._home import Home
+
+        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
+        print(f"load average at the start: {os.getloadavg()[0]:.2f}")
 
         h = Home(home)
         for cmd in commands.values():

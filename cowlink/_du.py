@@ -28,13 +28,24 @@ looks up one name, not a whole path) that keeps no per-file objects except one s
 tuple per multiply-linked inode. Once an inode with several links has been stat'ed,
 later links to it are recognised by the directory entry's inode number (`d_ino`) and
 need no stat at all; this is checked against `st_ino` on every stat and abandoned (the
-walk starts again without it) on a filesystem where the two differ. With a CPU to
-spare, a forked second process takes guests (or the store) from a shared queue.
+walk starts again without it) on a filesystem where the two differ.
+
+The walk goes by relative path rather than guest by guest: the top of the trees is
+listed first (the roots, then the heaviest directories, the same relative path in every
+guest at once), and what is below is cut into subtrees, each walked in every guest that
+has it, one guest after the other. Unified guests link the same files at the same
+relative paths, so a subtree's later guests find most inodes already stat'ed. With a
+CPU to spare, a forked second process takes subtrees from a shared queue, so the two
+processes split the work evenly and each keeps the d_ino shortcut for what it walks.
+The cut depends on the trees alone, so one process or two walk in the same order and
+report the same first path for every inode.
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 import os
 import stat
 import threading
@@ -46,13 +57,14 @@ from typing import Any
 
 from ._errors import Problem, UsageError
 from ._home import Home
-from ._linux import mount_points
+from ._mountinfo import mount_points
 
 BLOCK = 512  # st_blocks is always in 512-byte units, whatever the filesystem's block size
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
 _DEV_SHIFT = 64  # inode keys of a second filesystem are ino | index << 64
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NLINK, _BLOCKS, _SIZE = (operator.itemgetter(i) for i in range(3))  # fields of an _Info
 
 
 @dataclass
@@ -171,85 +183,92 @@ class _InodeMismatch(Exception):
     """d_ino differs from st_ino here: the shortcut is unsound on this filesystem."""
 
 
-class _Scan:
-    """One measurement: the walk state shared by every root and the store."""
+# A guest as the walk sees it: (root, st_dev, key bits of that device, mount points
+# below the root, whether d_ino may stand in for st_ino in it).
+_Guest = tuple[str, int, int, frozenset[str], bool]
+# Where one guest holds a directory of the plan: (guest index, path, level, row).
+_Holder = tuple[int, str, int, int]
+# A subdirectory met while listing: (name, path, level, row, weight).
+_Child = tuple[str, str, int, int, int]
+# What a multiply-linked inode's first stat said: (nlink, blocks, size, first path or
+# None, walk order of that path).
+_Info = tuple[int, int, int, str | None, int]
+
+
+class _Lane:
+    """What one walking process gathers. Two lanes' figures add up (see _merge).
+
+    Per guest, directories and singly-linked files are summed as they are met; an inode
+    with several links only has its paths counted per guest (`links`): its size and
+    blocks are added once per guest when the lanes are summed, from `seen`.
+    """
 
     def __init__(
-        self, *, depth: int | None, trust_d_ino: bool, devs: dict[int, int], mounts: list[str]
+        self,
+        guests: list[_Guest],
+        *,
+        depth: int | None,
+        trust_d_ino: bool,
+        paths: bool,
+        devkeys: dict[int, int],
+        mounts: list[str],
     ) -> None:
+        n = len(guests)
+        self.guests = guests
         self.depth = depth
         self.trust = trust_d_ino
-        self.devs = devs  # st_dev -> index, fixed before any lane starts so keys agree
-        self.mounts = mounts
-        # key -> (nlink, blocks, size, first path, its guest's index) for every
-        # non-directory with nlink > 1.
-        self.seen: dict[int, tuple[int, int, int, str, int]] = {}
-        self.links: dict[int, dict[int, int]] = {}  # guest index -> {key: paths in it}
-        self.owners: dict[int, dict[int, int]] = {}  # guest index -> {key: row of 1st path}
+        self.paths = paths  # keep each inode's first path (only --top shows them)
+        self.devkeys = devkeys
+        self.mounts = mounts  # every mount point, for the store's walk
+        self.files = [0] * n
+        self.dirs = [0] * n
+        self.apparent = [0] * n  # st_size of directories and singly-linked files
+        self.blocks = [0] * n  # their st_blocks
+        self.unlinked = [0] * n  # st_blocks of every path
+        self.links: list[dict[int, int]] = [{} for _ in range(n)]  # key -> paths in guest
+        # With --depth: key -> (walk order, row) of the first directory linking it.
+        self.owners: list[dict[int, tuple[int, int]]] = [{} for _ in range(n)]
+        self.seen: dict[int, _Info] = {}
         self.rows: list[DirUsage] = []
         self.problems: list[Problem] = []
         self.store_objects = self.store_blocks = 0
         self.in_store: dict[int, int] = {}  # key -> links from the store
 
-    def devkey(self, dev: int) -> int:
-        index = self.devs.setdefault(dev, len(self.devs))
-        return index << _DEV_SHIFT
+    def walk(
+        self,
+        i: int,
+        top: str,
+        top_level: int,
+        top_row: int,
+        order: int,
+        children: list[_Child] | None = None,
+    ) -> None:
+        """Count everything below directory `top` of guest `i` (its parent counted `top`).
 
-    def work(self, guests: list[GuestUsage], store: str | None, queue: int | None) -> None:
-        """Walk every guest and the store, or, with a queue, the items it hands out."""
-        if queue is None:
-            for index, usage in enumerate(guests):
-                self.walk_guest(index, usage)
-            if store:
-                self.walk_store(store)
-            return
-        while item := os.read(queue, 2):
-            index = int.from_bytes(item, "little")
-            if index == _STORE_ITEM:
-                assert store is not None
-                self.walk_store(store)
-            else:
-                self.walk_guest(index, guests[index])
-
-    def mounts_below(self, root: str) -> frozenset[str]:
-        prefix = root.rstrip("/") + "/"
-        return frozenset(m for m in self.mounts if m.startswith(prefix))
-
-    def walk_guest(self, index: int, usage: GuestUsage) -> None:
-        """Walk one guest's tree, filling `usage` except the exclusive/shared split."""
-        root = usage.root
-        mine: dict[int, int] = {}
-        owner: dict[int, int] = {}
-        self.links[index] = mine
-        self.owners[index] = owner
-        try:
-            st = os.lstat(root)
-        except OSError as exc:
-            self.problems.append(Problem(root, exc.strerror or str(exc)))
-            return
-        dev = st.st_dev
-        devkey = self.devkey(dev)
-        mounts = self.mounts_below(root)
-        trust = self.trust and not mounts
+        With `children`, only `top` itself is listed and its subdirectories are handed
+        back instead of walked. `order` is this walk's place in the deterministic walk
+        order, kept with each inode's first path so that any split into lanes names the
+        same first path.
+        """
+        _root, dev, devkey, mounts, trust = self.guests[i]
         depth = self.depth
         rows = self.rows
         seen = self.seen
         seen_get = seen.get
+        mine = self.links[i]
         mine_get = mine.get
+        owner = self.owners[i]
         problems = self.problems
-
-        files = 0
-        dirs = 1
-        apparent = st.st_size
-        alloc = unlinked = st.st_blocks
-        root_row = -1
+        paths = self.paths
+        guest_name = ""
         if depth is not None:
-            root_row = len(rows)
-            rows.append(_row(usage.name, ".", 0, -1, st.st_size, st.st_blocks))
+            guest_name = rows[top_row].guest if top_row >= 0 else ""
+
+        files = dirs = apparent = alloc = unlinked = 0
         # (path, level, row): row is the breakdown row this directory's entries add to.
-        stack: list[tuple[str, int, int]] = [(root, 0, root_row)]
+        stack: list[tuple[str, int, int]] = [(top, top_level, top_row)]
         pop = stack.pop
-        push = stack.append
+        push = stack.append if children is None else None
         key = 0
         while stack:
             path, level, row = pop()
@@ -288,13 +307,22 @@ class _Scan:
                                 sub = row
                                 if depth is not None and level < depth:
                                     sub = len(rows)
-                                    rel = os.path.relpath(prefix + e.name, root)
+                                    rel = os.path.relpath(prefix + e.name, _root)
                                     rows.append(
-                                        _row(usage.name, rel, level + 1, row, st.st_size, blocks)
+                                        _row(guest_name, rel, level + 1, row, st.st_size, blocks)
                                     )
                                     moved_apparent += st.st_size
                                     moved_alloc += blocks
-                                push((prefix + e.name, level + 1, sub))
+                                if push is not None:
+                                    push((prefix + e.name, level + 1, sub))
+                                else:
+                                    assert children is not None
+                                    # Subdirectories and entry-table size stand in for
+                                    # the work below it, to split the walk evenly.
+                                    weight = st.st_nlink - 2 + (st.st_size >> 10)
+                                    children.append(
+                                        (e.name, prefix + e.name, level + 1, sub, weight)
+                                    )
                                 continue
                             if trust and key != st.st_ino | devkey:
                                 raise _InodeMismatch
@@ -312,21 +340,16 @@ class _Scan:
                                     st.st_nlink,
                                     blocks,
                                     st.st_size,
-                                    prefix + e.name,
-                                    index,
+                                    prefix + e.name if paths else None,
+                                    order,
                                 )
-                        # A multiply-linked inode; `info` holds its first stat.
+                        # A multiply-linked inode; `info` holds its first stat. Its size
+                        # counts once per guest, when the lanes are summed.
                         d_files += 1
                         d_unlinked += info[1]
-                        n = mine_get(key)
-                        if n is None:
-                            mine[key] = 1
-                            d_apparent += info[2]
-                            d_alloc += info[1]
-                            if row >= 0:
-                                owner[key] = row
-                        else:
-                            mine[key] = n + 1
+                        mine[key] = mine_get(key, 0) + 1
+                        if row >= 0 and key not in owner:
+                            owner[key] = (order, row)
             finally:
                 os.close(fd)
             files += d_files
@@ -339,24 +362,26 @@ class _Scan:
                 r.apparent_bytes += d_apparent - moved_apparent
                 r.allocated_bytes += d_alloc - moved_alloc
                 r.exclusive_bytes += d_alloc - moved_alloc  # shared inodes move out later
-        usage.files = files
-        usage.dirs = dirs
-        usage.apparent_bytes = apparent
-        usage.allocated_bytes = alloc * BLOCK
-        usage.unlinked_bytes = unlinked * BLOCK
+        self.files[i] += files
+        self.dirs[i] += dirs
+        self.apparent[i] += apparent
+        self.blocks[i] += alloc
+        self.unlinked[i] += unlinked
 
     def walk_store(self, store: str) -> None:
         """Count the objects in the store: its regular files, at any fan-out depth.
 
-        Names starting with "." (temporary files and directories) are not objects.
+        Names starting with "." (temporary files and directories) are not objects. Most
+        objects were met in a guest already, so the store is listed by path: no
+        descriptor per directory, and a stat by path only for an object no guest links.
         """
         in_store = self.in_store
         try:
             dev = os.lstat(store).st_dev
         except OSError:
             return
-        devkey = self.devkey(dev)
-        mounts = self.mounts_below(store)
+        devkey = self.devkeys.setdefault(dev, len(self.devkeys) << _DEV_SHIFT)
+        mounts = frozenset(_below(self.mounts, store))
         seen_get = self.seen.get
         trust = self.trust
         problems = self.problems
@@ -364,14 +389,9 @@ class _Scan:
         stack = [store]
         while stack:
             path = stack.pop()
-            try:
-                fd = os.open(path, _DIR_FLAGS)
-            except OSError as exc:
-                problems.append(Problem(path, exc.strerror or str(exc)))
-                continue
             prefix = path + "/"
             try:
-                with os.scandir(fd) as it:
+                with os.scandir(path) as it:
                     for e in it:
                         if e.name.startswith("."):
                             continue
@@ -398,10 +418,27 @@ class _Scan:
                         if n == 0:
                             objects += 1
                             blocks += nblocks
-            finally:
-                os.close(fd)
-        self.store_objects = objects
-        self.store_blocks = blocks
+            except OSError as exc:
+                problems.append(Problem(path, exc.strerror or str(exc)))
+        self.store_objects += objects
+        self.store_blocks += blocks
+
+    def forked(self) -> int:
+        """Start this (child) lane from nothing but what was seen; returns len(seen) then."""
+        n = len(self.guests)
+        self.files, self.dirs = [0] * n, [0] * n
+        self.apparent, self.blocks, self.unlinked = [0] * n, [0] * n, [0] * n
+        self.links = [{} for _ in range(n)]
+        self.owners = [{} for _ in range(n)]
+        self.problems = []
+        for r in self.rows:  # rows made before the fork: the parent has their sums
+            r.files = r.apparent_bytes = r.allocated_bytes = r.exclusive_bytes = 0
+        return len(self.seen)
+
+
+def _below(mounts: list[str], root: str) -> list[str]:
+    prefix = root.rstrip("/") + "/"
+    return [m for m in mounts if m.startswith(prefix)]
 
 
 def _safe_mount_points() -> list[str]:
@@ -409,6 +446,84 @@ def _safe_mount_points() -> list[str]:
         return mount_points()
     except OSError:
         return []
+
+
+#: The walk is split into subtrees for two lanes by listing the heaviest directories
+#: first (the same relative path in every guest at once), until no subtree weighs more
+#: than 1/_SPLIT_PARTS of all, or _SPLIT_LISTINGS relative paths were listed.
+_SPLIT_PARTS = 64
+_SPLIT_LISTINGS = 16
+_SPLIT_LEVELS = 3
+
+
+def _plan(lane: _Lane, roots: list[_Holder]) -> tuple[list[list[_Holder]], int]:
+    """List the top of the trees and cut the rest into subtrees, heaviest first.
+
+    Each subtree is one relative path, held by every guest that has it: walking it in
+    all guests in a row keeps the d_ino shortcut working across guests whichever lane
+    takes it. The cut depends on the trees only, never on the number of lanes, so that
+    every split walks in the same order. Returns the subtrees and the next walk order.
+    """
+    items: dict[str, list[_Holder]] = {"": roots}
+    weights: dict[str, int] = {"": 0}
+    order = 0
+    listings = 0
+    while items:
+        if listings:
+            # Only the top levels are split: deeper, wide directories (docs, locales)
+            # hold many small subtrees, which the queue balances well enough uncut.
+            rel = max(
+                (r for r in items if r.count("/") < _SPLIT_LEVELS - 1),
+                key=lambda r: (weights[r], r),
+                default="",
+            )
+            if (
+                not rel
+                or weights[rel] * _SPLIT_PARTS <= sum(weights.values())
+                or (listings >= _SPLIT_LISTINGS)
+            ):
+                break
+        else:
+            rel = ""  # the roots themselves, always listed first
+        holders = items.pop(rel)
+        del weights[rel]
+        listings += 1
+        for i, path, level, row in holders:
+            children: list[_Child] = []
+            lane.walk(i, path, level, row, order, children)
+            order += 1
+            for name, sub, sub_level, sub_row, weight in children:
+                child = f"{rel}/{name}" if rel else name
+                items.setdefault(child, []).append((i, sub, sub_level, sub_row))
+                weights[child] = weights.get(child, 0) + max(weight, 1)
+    plan = sorted(items, key=lambda r: (-weights[r], r))
+    return [items[r] for r in plan], order
+
+
+def _work(
+    lane: _Lane,
+    plan: list[list[_Holder]],
+    base: int,
+    store: str | None,
+    queue: int | None,
+) -> None:
+    """Walk the subtrees of the plan, then the store; with a queue, those it hands out."""
+    n = len(lane.guests)
+
+    def item(index: int) -> None:
+        if index == len(plan):
+            assert store is not None
+            lane.walk_store(store)
+            return
+        for i, path, level, row in plan[index]:
+            lane.walk(i, path, level, row, base + index * n + i)
+
+    if queue is None:
+        for index in range(len(plan) + (store is not None)):
+            item(index)
+        return
+    while data := os.read(queue, 2):
+        item(int.from_bytes(data, "little"))
 
 
 def measure(
@@ -426,8 +541,7 @@ def measure(
         store: the store directory, or None to leave the store out.
         top: how many of the shared files that save most to list.
         depth: directory levels below each root to break down (0 = roots only), or None.
-        parallel: walk in two processes; None decides: yes when a CPU is idle (load
-            average below the CPU count minus one) and no other thread runs.
+        parallel: walk in two processes; None decides (see _can_fork).
 
     Raises:
         UsageError: a root is missing or not a directory.
@@ -440,22 +554,18 @@ def measure(
             raise UsageError(f"{path}: not a directory")
         if all(real != r for _, r in resolved):  # a root named twice counts once, as in du
             resolved.append((name, real))
-    if parallel is None:
-        parallel = _can_fork()
-    parallel = parallel and len(resolved) + (store is not None) > 1
     for trust in (True, False):
         guests = [GuestUsage(name, real) for name, real in resolved]
         try:
-            scan = _run(guests, store, depth, trust_d_ino=trust, parallel=parallel)
+            lane = _run(guests, store, depth, trust_d_ino=trust, parallel=parallel, paths=top > 0)
             break
         except _InodeMismatch:
             continue  # d_ino cannot stand in for st_ino here: walk again, stat'ing all
-    report = _summarise(scan, guests, store, top)
+    report = _summarise(lane, guests, store, top)
     report.elapsed_s = time.perf_counter() - start
     return report
 
 
-_STORE_ITEM = 0xFFFF  # the work-queue item for the store; guests are 0, 1, 2, ...
 _CHILD_MISMATCH = 3  # the second lane's exit status for _InodeMismatch
 
 
@@ -463,25 +573,37 @@ class _LaneFailed(Exception):
     """The second walking process died; the measurement is redone in one process."""
 
 
-def _can_fork() -> bool:
-    """A second lane pays only with a CPU to spare (measured: it loses when both are busy).
+#: Directories the top of the trees must hold before a second lane is worth its few
+#: milliseconds (fork, sending its figures back): the bench's four guests have 476.
+_FORK_MIN_DIRS = 200
+
+
+def _can_fork(lane: _Lane) -> bool:
+    """A second lane pays on big trees when a CPU is idle now (bench/README.md, cowlink du).
 
     Forking a process that runs other threads could also copy a lock in a held state.
     """
-    cpus = len(os.sched_getaffinity(0))
-    return threading.active_count() == 1 and cpus > 1 and os.getloadavg()[0] < cpus - 1
+    return (
+        sum(lane.dirs) >= _FORK_MIN_DIRS
+        and threading.active_count() == 1
+        and len(os.sched_getaffinity(0)) > 1
+        and _runnable() < (os.cpu_count() or 1)
+    )
 
 
-def _scan_setup(
-    guests: list[GuestUsage], store: str | None, depth: int | None, trust: bool
-) -> _Scan:
-    devs: dict[int, int] = {}
-    for path in [g.root for g in guests] + ([store] if store else []):
-        try:
-            devs.setdefault(os.lstat(path).st_dev, len(devs))
-        except OSError:
-            pass
-    return _Scan(depth=depth, trust_d_ino=trust, devs=devs, mounts=_safe_mount_points())
+def _runnable() -> int:
+    """Tasks running or ready to run on the host at this instant, this one included.
+
+    The fourth field of /proc/loadavg. The walk lasts a tenth of a second, so what the
+    CPUs do now predicts better than the load averages: on the bench's busy host (the
+    1-minute load average between 1.5 and 2.9 throughout), two lanes won 136 of 137
+    paired runs when nothing else was runnable, and fewer than half when something was.
+    """
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return os.cpu_count() or 1  # unknown: as if every CPU were taken
 
 
 def _run(
@@ -490,44 +612,100 @@ def _run(
     depth: int | None,
     *,
     trust_d_ino: bool,
-    parallel: bool,
-) -> _Scan:
-    scan = _scan_setup(guests, store, depth, trust_d_ino)
-    if parallel and len(guests) < 0x4000:  # the queue must fit a pipe's 64 KiB buffer
+    parallel: bool | None,
+    paths: bool = True,
+) -> _Lane:
+    """Walk the guests and the store, in one process or two."""
+    for attempt in (True, False):
+        lane, plan, base = _start(guests, store, depth, trust_d_ino, paths)
+        items = len(plan) + (store is not None)
+        two = attempt and items > 1 and items < 0x8000  # the queue must fit a pipe's 64 KiB
+        if two and (parallel if parallel is not None else _can_fork(lane)):
+            try:
+                _run_two_lanes(lane, plan, base, store)
+                return lane
+            except _LaneFailed:
+                continue
+        _work(lane, plan, base, store, None)
+        return lane
+    raise AssertionError("unreachable")
+
+
+def _start(
+    guests: list[GuestUsage], store: str | None, depth: int | None, trust: bool, paths: bool
+) -> tuple[_Lane, list[list[_Holder]], int]:
+    """Count each root, then plan the walk below them."""
+    mounts = _safe_mount_points()
+    devkeys: dict[int, int] = {}
+
+    def devkey(dev: int) -> int:
+        return devkeys.setdefault(dev, len(devkeys) << _DEV_SHIFT)
+
+    walked: list[_Guest] = []
+    stats: list[os.stat_result | None] = []
+    problems: list[Problem] = []
+    for usage in guests:
         try:
-            _run_two_lanes(scan, guests, store)
-            return scan
-        except _LaneFailed:
-            scan = _scan_setup(guests, store, depth, trust_d_ino)
-            for usage in guests:
-                usage.__dict__.update(GuestUsage(usage.name, usage.root).__dict__)
-    scan.work(guests, store, None)
-    return scan
+            st = os.lstat(usage.root)
+        except OSError as exc:
+            problems.append(Problem(usage.root, exc.strerror or str(exc)))
+            walked.append((usage.root, -1, 0, frozenset(), False))
+            stats.append(None)
+            continue
+        below = frozenset(_below(mounts, usage.root))
+        # With a mount below the root, every entry is stat'ed so that none is missed.
+        walked.append((usage.root, st.st_dev, devkey(st.st_dev), below, trust and not below))
+        stats.append(st)
+    if store:
+        try:
+            devkey(os.lstat(store).st_dev)
+        except OSError:
+            pass
+    lane = _Lane(
+        walked, depth=depth, trust_d_ino=trust, paths=paths, devkeys=devkeys, mounts=mounts
+    )
+    lane.problems += problems
+    roots: list[_Holder] = []
+    for i, (usage, root_st) in enumerate(zip(guests, stats, strict=True)):
+        if root_st is None:
+            continue
+        st = root_st
+        lane.dirs[i] = 1
+        lane.apparent[i] = st.st_size
+        lane.blocks[i] = lane.unlinked[i] = st.st_blocks
+        row = -1
+        if depth is not None:
+            row = len(lane.rows)
+            lane.rows.append(_row(usage.name, ".", 0, -1, st.st_size, st.st_blocks))
+        roots.append((i, usage.root, 0, row))
+    plan, base = _plan(lane, roots)
+    return lane, plan, base
 
 
-def _run_two_lanes(scan: _Scan, guests: list[GuestUsage], store: str | None) -> None:
-    """Walk in this process and a forked one, which take guests from a shared pipe.
+def _run_two_lanes(lane: _Lane, plan: list[list[_Holder]], base: int, store: str | None) -> None:
+    """Walk in this process and a forked one, which take subtrees from a shared pipe.
 
-    Each pipe read of two bytes is atomic, so every guest (and the store) is walked by
-    exactly one lane; the child sends its lane's state back pickled, and the parent
-    merges it. The d_ino shortcut then works within each lane only.
+    Each pipe read of two bytes is atomic, so every subtree (and the store) is walked
+    by exactly one lane; the child sends what its lane gathered back through a pipe
+    (marshal: plain numbers, strings and dicts), and the parent adds it to its own.
+    The d_ino shortcut then works within each lane only.
     """
-    import pickle
+    import marshal
 
-    # The store goes last: by then its lane has stat'ed most objects through the guests.
-    items = list(range(len(guests))) + ([_STORE_ITEM] if store else [])
     queue_r, queue_w = os.pipe()
-    os.write(queue_w, b"".join(i.to_bytes(2, "little") for i in items))
+    items = len(plan) + (store is not None)
+    os.write(queue_w, b"".join(i.to_bytes(2, "little") for i in range(items)))
     os.close(queue_w)
     result_r, result_w = os.pipe()
+    pre_rows = len(lane.rows)
     pid = os.fork()
     if pid == 0:  # the second lane
         status = 1
         try:
             os.close(result_r)
-            scan.work(guests, store, queue_r)
-            lane = {i: vars(guests[i]) for i in scan.links}
-            data = pickle.dumps((lane, _lane_state(scan)), protocol=pickle.HIGHEST_PROTOCOL)
+            pre_seen = lane.forked()
+            _work(lane, plan, base, store, queue_r)
+            data = marshal.dumps(_lane_state(lane, pre_seen))
             with os.fdopen(result_w, "wb") as f:
                 f.write(data)
             status = 0
@@ -537,7 +715,7 @@ def _run_two_lanes(scan: _Scan, guests: list[GuestUsage], store: str | None) -> 
             os._exit(status)
     os.close(result_w)
     try:
-        scan.work(guests, store, queue_r)
+        _work(lane, plan, base, store, queue_r)
     finally:
         os.close(queue_r)
         with os.fdopen(result_r, "rb") as f:
@@ -548,74 +726,138 @@ def _run_two_lanes(scan: _Scan, guests: list[GuestUsage], store: str | None) -> 
         raise _InodeMismatch
     if code != 0:
         raise _LaneFailed
-    lane, state = pickle.loads(data)
-    for index, fields in lane.items():
-        vars(guests[index]).update(fields)
-    _merge(scan, state)
+    _merge(lane, marshal.loads(data), pre_rows)
 
 
-def _lane_state(scan: _Scan) -> tuple[Any, ...]:
+def _lane_state(lane: _Lane, pre_seen: int) -> tuple[Any, ...]:
+    new_seen = dict(itertools.islice(lane.seen.items(), pre_seen, None))
+    rows = [
+        (
+            r.guest,
+            r.path,
+            r.depth,
+            r.files,
+            r.apparent_bytes,
+            r.allocated_bytes,
+            r.exclusive_bytes,
+            r.parent,
+        )
+        for r in lane.rows
+    ]
     return (
-        scan.seen,
-        scan.links,
-        scan.owners,
-        scan.rows,
-        scan.problems,
-        scan.store_objects,
-        scan.store_blocks,
-        scan.in_store,
+        lane.files,
+        lane.dirs,
+        lane.apparent,
+        lane.blocks,
+        lane.unlinked,
+        lane.links,
+        lane.owners,
+        new_seen,
+        rows,
+        [(p.path, p.error) for p in lane.problems],
+        lane.store_objects,
+        lane.store_blocks,
+        lane.in_store,
     )
 
 
-def _merge(scan: _Scan, state: tuple[Any, ...]) -> None:
-    seen, links, owners, rows, problems, store_objects, store_blocks, in_store = state
-    mine = scan.seen
-    for key, info in seen.items():
-        # Keep the path from the first guest, as one process walking in order would.
-        if key not in mine or info[4] < mine[key][4]:
-            mine[key] = info
-    offset = len(scan.rows)
-    for r in rows:
-        if r.parent >= 0:
-            r.parent += offset
-    scan.rows += rows
-    scan.links.update(links)
-    for index, owner in owners.items():
-        scan.owners[index] = {key: row + offset for key, row in owner.items()}
-    scan.problems += problems
-    scan.store_objects += store_objects
-    scan.store_blocks += store_blocks
+def _merge(lane: _Lane, state: tuple[Any, ...], pre_rows: int) -> None:
+    """Add a second lane's state (from _lane_state) to this one."""
+    files, dirs, apparent, blocks, unlinked, links, owners, seen, rows, problems, *store = state
+    for mine, theirs in (
+        (lane.files, files),
+        (lane.dirs, dirs),
+        (lane.apparent, apparent),
+        (lane.blocks, blocks),
+        (lane.unlinked, unlinked),
+    ):
+        for i, n in enumerate(theirs):
+            mine[i] += n
+    for mine_links, their_links in zip(lane.links, links, strict=True):
+        get = mine_links.get
+        for key, n in their_links.items():
+            mine_links[key] = get(key, 0) + n
+    ours = lane.seen
+    if lane.paths:
+        for key, info in seen.items():
+            # Keep the path met first in the walk order, as one lane would have.
+            known = ours.get(key)
+            if known is None or info[4] < known[4]:
+                ours[key] = info
+    else:
+        for key in seen.keys() - ours.keys():
+            ours[key] = seen[key]
+    # Rows made before the fork come back as sums since the fork; later rows are new.
+    offset = len(lane.rows) - pre_rows
+    for index, (guest, path, depth, nfiles, size, alloc, exclusive, parent) in enumerate(rows):
+        if index < pre_rows:
+            r = lane.rows[index]
+            r.files += nfiles
+            r.apparent_bytes += size
+            r.allocated_bytes += alloc
+            r.exclusive_bytes += exclusive
+            continue
+        r = DirUsage(
+            guest=guest,
+            path=path,
+            depth=depth,
+            files=nfiles,
+            apparent_bytes=size,
+            allocated_bytes=alloc,
+            exclusive_bytes=exclusive,
+            parent=parent + offset if parent >= pre_rows else parent,
+        )
+        lane.rows.append(r)
+    for mine_owner, their_owner in zip(lane.owners, owners, strict=True):
+        for key, (order, row) in their_owner.items():
+            row = row + offset if row >= pre_rows else row
+            owned = mine_owner.get(key)
+            if owned is None or order < owned[0]:
+                mine_owner[key] = (order, row)
+    lane.problems += [Problem(path, error) for path, error in problems]
+    store_objects, store_blocks, in_store = store
+    lane.store_objects += store_objects
+    lane.store_blocks += store_blocks
     for key, n in in_store.items():
-        scan.in_store[key] = scan.in_store.get(key, 0) + n
+        lane.in_store[key] = lane.in_store.get(key, 0) + n
 
 
-def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: int) -> UsageReport:
-    seen = scan.seen
-    links = [scan.links[i] for i in range(len(guests))]
+def _summarise(lane: _Lane, guests: list[GuestUsage], store: str | None, top: int) -> UsageReport:
+    seen = lane.seen
+    links = lane.links
     # How many guests link each multiply-linked inode (Counter counts keys in C).
     n_guests: Counter[int] = Counter()
     for mine in links:
         n_guests.update(mine.keys())
 
-    rows = scan.rows
+    rows = lane.rows
     for index, usage in enumerate(guests):
-        owner = scan.owners[index]
-        shared = 0
-        fair = 0.0
-        for key, count in links[index].items():
-            info = seen[key]
-            if count < info[0]:
-                blocks = info[1]
-                shared += blocks
-                fair += blocks / n_guests[key]
-                if owner:
-                    row = owner[key]
-                    rows[row].exclusive_bytes -= blocks
-                    rows[row].shared_bytes += blocks
-        usage.shared_bytes = shared * BLOCK
+        mine = links[index]
+        usage.files = lane.files[index]
+        usage.dirs = lane.dirs[index]
+        usage.unlinked_bytes = lane.unlinked[index] * BLOCK
+        # Column by column, in C: each inode's first stat, and whether it has links
+        # outside this guest (fewer paths here than st_nlink).
+        infos = list(map(seen.__getitem__, mine))
+        inode_blocks = list(map(_BLOCKS, infos))
+        shared = list(map(operator.lt, mine.values(), map(_NLINK, infos)))
+        shared_blocks = list(itertools.compress(inode_blocks, shared))
+        sharers = map(n_guests.__getitem__, itertools.compress(mine, shared))
+        fair = sum(map(operator.truediv, shared_blocks, sharers))
+        usage.apparent_bytes = lane.apparent[index] + sum(map(_SIZE, infos))
+        usage.allocated_bytes = (lane.blocks[index] + sum(inode_blocks)) * BLOCK
+        usage.shared_bytes = sum(shared_blocks) * BLOCK
         usage.exclusive_bytes = usage.allocated_bytes - usage.shared_bytes
         usage.fair_share_bytes = round(fair * BLOCK)
-
+        for key, (_order, row) in lane.owners[index].items():
+            nlink, nblocks, nsize = seen[key][:3]
+            r = rows[row]
+            r.apparent_bytes += nsize
+            r.allocated_bytes += nblocks
+            if mine[key] < nlink:
+                r.shared_bytes += nblocks
+            else:
+                r.exclusive_bytes += nblocks
     # Sizes were gathered in 512-byte blocks; roll directories up into their parents.
     for r in rows:
         r.allocated_bytes *= BLOCK
@@ -639,19 +881,14 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
         files=sum(g.files for g in guests),
         dirs=sum(g.dirs for g in guests),
         unlinked_bytes=sum(g.unlinked_bytes for g in guests),
-        store_objects=scan.store_objects,
-        store_bytes=scan.store_blocks * BLOCK,
+        store_objects=lane.store_objects,
+        store_bytes=lane.store_blocks * BLOCK,
     )
-    # Every inode once: each guest's figures count its multiply-linked inodes once per
-    # guest, so take those out and add each such inode a single time.
-    extra_blocks = extra_size = 0
-    for key, n in n_guests.items():
-        if n > 1:
-            info = seen[key]
-            extra_blocks += info[1] * (n - 1)
-            extra_size += info[2] * (n - 1)
-    totals.allocated_bytes = sum(g.allocated_bytes for g in guests) - extra_blocks * BLOCK
-    totals.apparent_bytes = sum(g.apparent_bytes for g in guests) - extra_size
+    # Every inode once: what the guests hold alone, plus each multiply-linked inode
+    # that any of them links, a single time.
+    every = list(map(seen.__getitem__, n_guests))
+    totals.allocated_bytes = (sum(lane.blocks) + sum(map(_BLOCKS, every))) * BLOCK
+    totals.apparent_bytes = sum(lane.apparent) + sum(map(_SIZE, every))
     totals.saved_bytes = totals.unlinked_bytes - totals.allocated_bytes
     if totals.unlinked_bytes:
         totals.saved_ratio = totals.saved_bytes / totals.unlinked_bytes
@@ -669,16 +906,16 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
             key=lambda k: (seen[k][1] * (n_paths[k] - 1), seen[k][1], k),
         )
         for key in best:
-            nlink, blocks, _size, path, _guest = seen[key]
+            nlink, blocks, _size, path, _order = seen[key]
             top_files.append(
                 SharedFile(
-                    path=path,
+                    path=path or "",  # paths are kept whenever --top asks for files
                     guests=tuple(
                         g.name for g, mine in zip(guests, links, strict=True) if key in mine
                     ),
                     links=n_paths[key],
                     nlink=nlink,
-                    in_store=key in scan.in_store,
+                    in_store=key in lane.in_store,
                     allocated_bytes=blocks * BLOCK,
                     saved_bytes=blocks * (n_paths[key] - 1) * BLOCK,
                 )
@@ -688,7 +925,7 @@ def _summarise(scan: _Scan, guests: list[GuestUsage], store: str | None, top: in
         totals=totals,
         top=top_files,
         dirs=dirs,
-        problems=scan.problems,
+        problems=lane.problems,
         store=store,
     )
 

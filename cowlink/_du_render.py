@@ -1,15 +1,13 @@
 """How a `cowlink du` report is shown: aligned table, JSON, CSV and a self-contained HTML page.
 
 Each renderer takes a finished UsageReport and returns text; nothing here walks a tree.
+Each imports what only it needs (json, csv, html) when called, so that the plain table,
+what a monitoring job runs every few minutes, starts without them.
 The JSON schema is documented in docs/du.md and versioned by its "schema" field.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +180,8 @@ def as_dict(report: UsageReport, last_unify: LastUnify | None = None) -> dict[st
 
 
 def as_json(report: UsageReport, last_unify: LastUnify | None = None) -> str:
+    import json
+
     return json.dumps(as_dict(report, last_unify), indent=2) + "\n"
 
 
@@ -208,6 +208,9 @@ def as_csv(report: UsageReport) -> str:
 
     Columns that do not apply to a kind are empty; sizes are always exact bytes.
     """
+    import csv
+    import io
+
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", restval="")
     w.writeheader()
@@ -258,6 +261,8 @@ _SAVED = "#8fc98f"
 
 def _bar(label: str, parts: list[tuple[str, int, str]], scale: int, width: int = 640) -> str:
     """One SVG stacked horizontal bar: (name, bytes, colour) parts, scaled to `scale` bytes."""
+    import html
+
     height = 28
     x = 0.0
     rects = []
@@ -282,6 +287,8 @@ def _bar(label: str, parts: list[tuple[str, int, str]], scale: int, width: int =
 
 def as_html(report: UsageReport, last_unify: LastUnify | None = None) -> str:
     """A single offline page: a stacked bar per guest (exclusive, shared) and the totals."""
+    import html
+
     t = report.totals
     esc = html.escape
     scale = max([g.allocated_bytes for g in report.guests] + [1])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -142,6 +141,8 @@ def storage_fault(exc: BaseException, where: str) -> CowlinkError | None:
 @contextlib.contextmanager
 def storage_faults(where: str) -> Iterator[None]:
     """Turn a full or read-only filesystem met inside the block into its clear error."""
+    import sqlite3  # here, not at the top: commands that never open SQLite start faster
+
     try:
         yield
     except (OSError, sqlite3.Error) as exc:

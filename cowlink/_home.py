@@ -16,7 +16,6 @@ import errno
 import fcntl
 import os
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +88,8 @@ class Home:
             return key_path.read_bytes()
         except FileNotFoundError:
             pass
+        import secrets  # hmac, hashlib and random: only the commands that create names need it
+
         self.path.mkdir(parents=True, exist_ok=True)
         key = secrets.token_bytes(32)
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -13,6 +13,9 @@ import fcntl
 import os
 import signal
 
+from ._mountinfo import mount_point_of as mount_point_of
+from ._mountinfo import mount_points as mount_points
+
 # <linux/fs.h>. The ioctls are declared with `long`, but every filesystem reads an int.
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
@@ -114,35 +117,6 @@ def release_lease(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     except OSError:
         pass  # the fd is about to be closed, which releases the lease anyway
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 1 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points() -> list[str]:
-    """Every mount point this process sees, from /proc/self/mountinfo."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [_unescape_mountinfo(line.split()[4]) for line in f if line.strip()]
-
-
-def mount_point_of(path: str) -> str:
-    """The mount point whose mount holds `path` (longest matching prefix)."""
-    real = os.path.realpath(path)
-    best = "/"
-    for mp in mount_points():
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
-            best = mp
-    return best
 
 
 # -- copy-on-write support (cowlink_fuse) ----------------------------------------------

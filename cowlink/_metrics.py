@@ -13,9 +13,7 @@ reported as zero.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +64,8 @@ def read_last_unify(home: Home) -> LastUnify | None:
 
 
 def _error_count(stats_text: object) -> int:
+    import json
+
     try:
         stats = json.loads(str(stats_text))
     except ValueError:
@@ -157,6 +157,8 @@ def render_metrics(report: UsageReport, last_unify: LastUnify | None) -> str:
 
 def write_atomically(path: str | os.PathLike[str], text: str) -> None:
     """Replace `path` with `text` so that a reader sees the old file or the new, whole."""
+    import tempfile  # here: `cowlink du` without --metrics never needs it
+
     target = Path(path)
     directory = target.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)

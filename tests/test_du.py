@@ -10,6 +10,7 @@ import re
 import sqlite3
 import stat
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -279,10 +280,119 @@ def _guests(roots: list[tuple[str, str]]) -> list[_du.GuestUsage]:
     return [_du.GuestUsage(n, os.path.realpath(r)) for n, r in roots]
 
 
-def test_mount_points_are_left_out_as_du_x_does(corpus: Home, tmp_path: Path) -> None:
+def _deep_links(corpus: Home) -> None:
+    """Directories several levels deep, and inodes linked from far apart in the trees."""
+    a, b, c = (corpus.guest_root(g) for g in "abc")
+    for root in (a, b, c):
+        for n in range(3):
+            _write(root / "usr" / "share" / f"pkg{n}" / "doc" / "README", os.urandom(5000 + n))
+    deep = _write(a / "usr" / "share" / "pkg0" / "doc" / "deep" / "data", os.urandom(12_000))
+    _link(deep, a / "var" / "lib" / "data-again")  # one guest, two subtrees
+    _link(deep, c / "opt" / "elsewhere" / "data")  # another guest, another relative path
+    _link(deep, b / "usr" / "share" / "pkg0" / "doc" / "deep-data")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_walk_cut_into_subtrees_changes_nothing(
+    corpus: Home, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, parallel: bool
+) -> None:
+    _deep_links(corpus)
+    roots = [(g, str(corpus.guest_root(g))) for g in "abc"]
+    store = str(corpus.store_dir)
+
+    def report(trust: bool, parallel: bool) -> _du.UsageReport:
+        guests = _guests(roots)
+        lane = _du._run(guests, store, 2, trust_d_ino=trust, parallel=parallel)
+        return _du._summarise(lane, guests, store, 3)
+
+    whole = report(True, False)
+    # Cut below the roots and the heaviest directory under them, into every subtree left;
+    # each subtree walk is slowed down so that both lanes take turns at the queue: each
+    # walks parts of every guest, and an inode's links fall into subtrees of both lanes.
+    monkeypatch.setattr(_du, "_SPLIT_PARTS", 1 << 30)
+    monkeypatch.setattr(_du, "_SPLIT_LISTINGS", 2)
+    monkeypatch.setattr(_du, "_SPLIT_LEVELS", 1 << 30)
+    walkers = tmp_path / "walkers"
+    real_walk = _du._Lane.walk
+
+    def walk(self: _du._Lane, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("children") is None and len(args) < 6:
+            with open(walkers, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            time.sleep(0.002)
+        real_walk(self, *args, **kwargs)
+
+    monkeypatch.setattr(_du._Lane, "walk", walk)
+    cut = report(True, parallel)
+    assert len(set(walkers.read_text().split())) == (2 if parallel else 1)
+    assert cut == report(False, False)
+    # Against the walk in one piece, only which of an inode's paths comes first may differ
+    # (the path --top shows, the directory row that counts it).
+    assert (cut.guests, cut.totals) == (whole.guests, whole.totals)
+    assert [(f.guests, f.links, f.saved_bytes) for f in cut.top] == [
+        (f.guests, f.links, f.saved_bytes) for f in whole.top
+    ]
+    for g in cut.guests:
+        e = _expected_guest(corpus.guest_root(g.name))
+        assert (g.files, g.dirs, g.apparent_bytes) == (e.files, e.dirs, e.apparent)
+        assert (g.allocated_bytes, g.exclusive_bytes, g.shared_bytes) == (
+            e.allocated,
+            e.exclusive,
+            e.shared,
+        )
+    rows = {(d.guest, d.path): d for d in cut.dirs}
+    a = corpus.guest_root("a")
+    # a's deep data has a name below usr/share and one below var/lib: it counts in one.
+    for pair in (("usr", "var"), ("usr/share", "var/lib")):
+        both = sum(rows[("a", rel)].allocated_bytes for rel in pair)
+        assert both == _gnu_du("--total", *(a / rel for rel in pair))[-1]
+    assert rows[("a", "etc")].allocated_bytes == _gnu_du(a / "etc")[0]
+
+
+def test_a_second_lane_only_for_big_trees_with_an_idle_cpu(
+    corpus: Home, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _du._runnable() >= 1  # this process, at least
+    guests = _guests([(g, str(corpus.guest_root(g))) for g in "abc"])
+    lane, _plan, _base = _du._start(guests, str(corpus.store_dir), None, True, False)
+    monkeypatch.setattr(_du, "_runnable", lambda: 1)
+    assert not _du._can_fork(lane)  # a small home: the fork would cost more than it saves
+    monkeypatch.setattr(_du, "_FORK_MIN_DIRS", 1)
+    assert _du._can_fork(lane) == (len(os.sched_getaffinity(0)) > 1)
+    monkeypatch.setattr(_du, "_runnable", lambda: os.cpu_count())
+    assert not _du._can_fork(lane)  # every CPU busy
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_each_run_sees_the_trees_as_they_are_now(corpus: Home, parallel: bool) -> None:
+    _deep_links(corpus)
+    measure_home(corpus, parallel=parallel)
+    a, b, c = (corpus.guest_root(g) for g in "abc")
+    with open(a / "var" / "sparse.img", "r+b") as f:  # more blocks, same length
+        f.seek(3 << 20)
+        f.write(b"y" * 65536)
+    (a / "usr" / "share" / "pkg0" / "doc" / "deep" / "data").write_bytes(os.urandom(40_000))
+    _link(b / "bin" / "tool", b / "usr" / "bin" / "tool-third-name")
+    os.unlink(c / "opt" / "elsewhere" / "data")  # c no longer shares it
+    _write(c / "opt" / "new", os.urandom(7000))
+    after = measure_home(corpus, parallel=parallel)
+    for g in after.guests:
+        root = corpus.guest_root(g.name)
+        e = _expected_guest(root)
+        assert (g.files, g.dirs) == (e.files, e.dirs)
+        assert g.allocated_bytes == e.allocated == _gnu_du(root)[0]
+        assert g.apparent_bytes == e.apparent
+        assert (g.exclusive_bytes, g.shared_bytes) == (e.exclusive, e.shared)
+    assert after.totals.allocated_bytes == _gnu_du("--total", a, b, c)[-1]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_mount_points_are_left_out_as_du_x_does(
+    corpus: Home, tmp_path: Path, parallel: bool
+) -> None:
     need_root()
     a = corpus.guest_root("a")
-    before = measure_home(corpus)
+    before = measure_home(corpus, parallel=parallel)
     (a / "mnt").mkdir()
     (a / "bound").mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(a / "mnt")], check=True)
@@ -290,7 +400,7 @@ def test_mount_points_are_left_out_as_du_x_does(corpus: Home, tmp_path: Path) ->
         _write(a / "mnt" / "big", b"y" * 100_000)
         subprocess.run(["mount", "--bind", str(tmp_path / "outside"), str(a / "bound")], check=True)
         try:
-            after = measure_home(corpus)
+            after = measure_home(corpus, parallel=parallel)
         finally:
             subprocess.run(["umount", str(a / "bound")], check=True)
         with_tmpfs = _gnu_du(a)[0]  # du -x skips the tmpfs; the bind mount is gone by now

@@ -7,7 +7,6 @@ when stderr is a terminal, so cron mail stays clean.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
@@ -50,6 +49,8 @@ class Console:
         if now - self._last_draw < 0.1:
             return
         self._last_draw = now
+        import shutil  # only a terminal draws progress; `cowlink du` never does
+
         width = max(20, shutil.get_terminal_size().columns - 1)
         sys.stderr.write("\r" + text[:width].ljust(width))
         sys.stderr.flush()
