@@ -8,10 +8,11 @@ A run, under the home's lock:
 4. groups candidate inodes by size, then head digest, then full digest (cached in the
    catalogue while an inode's stat is unchanged), then by link key;
 5. links each group to one store object: an existing one, or a member adopted as a new
-   object; size classes are linked in parallel lanes (forked processes, see _lanes). Adopting takes a read lease (no one may hold the file open for writing),
+   object. Adopting takes a read lease (no one may hold the file open for writing),
    links the inode into the store, sets the immutable flag, then re-hashes it. Linking a
    file compares its bytes with the object's, re-lstats the name, then links the object
-   to a MAC-named temporary name beside the file and renames it over the file.
+   to a MAC-named temporary name beside the file and renames it over the file. Size
+   classes are linked in parallel lanes (forked processes, see _lanes).
 
 At every moment each guest path is either its original inode or a verified identical
 link; the object is only mutable while its flag is cleared to add links, and then under
