@@ -14,6 +14,9 @@ import xxhash
 Digest = NewType("Digest", bytes)
 
 HEAD_SIZE = 4096
+#: Files up to this size are read whole at once: both digests from one read cost about
+#: what the head alone does, and spare a second open when the full digest is wanted.
+WHOLE_SIZE = 64 * 1024
 _CHUNK = 1 << 20
 
 
@@ -24,6 +27,19 @@ def digest_bytes(data: bytes) -> Digest:
 def head_digest(fd: int, size: int) -> Digest:
     """Digest of the first HEAD_SIZE bytes; for a file no larger, this is its full digest."""
     return digest_bytes(os.pread(fd, HEAD_SIZE, 0))
+
+
+def head_and_full(fd: int, size: int) -> tuple[Digest, Digest]:
+    """`head_digest` and `full_digest` of a file of at most WHOLE_SIZE bytes, in one read.
+
+    Raises:
+        ValueError: the file is no longer `size` bytes long.
+    """
+    data = os.pread(fd, size + 1, 0)
+    if len(data) != size:
+        raise ValueError("file changed size while being read")
+    full = digest_bytes(data)
+    return (digest_bytes(data[:HEAD_SIZE]) if size > HEAD_SIZE else full), full
 
 
 def full_digest(fd: int, size: int) -> Digest:

@@ -50,7 +50,7 @@ from ._errors import (
     storage_faults,
 )
 from ._excludes import Rules
-from ._hashing import HEAD_SIZE, full_digest, head_digest
+from ._hashing import HEAD_SIZE, WHOLE_SIZE, full_digest, head_and_full, head_digest
 from ._home import Home
 from ._lanes import Channel, Event, LaneResult, can_fork, deal, default_lanes, run_lanes
 from ._linker import Candidate, Counters, Linker, Reporter, TreeFiles
@@ -705,12 +705,13 @@ class _Engine:
                     node.full = full_digest(fd, rec.size)
                     self._bytes_hashed += rec.size
                     self.report.files_hashed += 1
+                elif rec.size <= WHOLE_SIZE:
+                    node.head, node.full = head_and_full(fd, rec.size)
+                    self._bytes_hashed += rec.size
+                    self.report.files_hashed += 1
                 else:
                     node.head = head_digest(fd, rec.size)
-                    self._bytes_hashed += min(rec.size, HEAD_SIZE)
-                    if rec.size <= HEAD_SIZE:
-                        node.full = node.head
-                        self.report.files_hashed += 1
+                    self._bytes_hashed += HEAD_SIZE
                 if node.full is not None:
                     node.key = self._key(rec, fd)
             except (OSError, ValueError) as exc:

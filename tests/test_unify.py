@@ -433,16 +433,16 @@ def test_directory_swapped_for_symlink_to_root_is_not_followed(
 
 
 def test_per_file_errors_are_listed_and_exit_1(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cowlink._hashing import full_digest as real
+    from cowlink._hashing import head_and_full as real
 
     a, b = make_guests(home, {"usr/lib/ok": b"o" * 9000, "usr/lib/bad": b"b" * 8000})
 
-    def failing(fd: int, size: int) -> bytes:
+    def failing(fd: int, size: int) -> tuple[bytes, bytes]:
         if size == 8000:
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, size)
 
-    monkeypatch.setattr("cowlink._unify.full_digest", failing)
+    monkeypatch.setattr("cowlink._unify.head_and_full", failing)
     result = cowlink(home, "unify", "--json")
 
     assert result.exit_code == 1
