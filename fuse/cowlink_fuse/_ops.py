@@ -16,6 +16,7 @@ already applied the caller's) and as root: a created file gets the caller's uid 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -43,6 +44,9 @@ TIMEOUT = 3600.0
 _OPEN_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETID = stat.S_ISUID | stat.S_ISGID
 _CAPS = b"security.capability"
+#: Entries stat'ed (and looked up in the catalogue) together by readdir; a reply holds
+#: about 25 (4 KiB) to 200, so a batch costs at most a few stats the reply cannot take.
+_READDIR_BATCH = 64
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -173,16 +177,44 @@ class CowlinkOperations(pyfuse3.Operations):
     def _stat_at(self, parent: Node, name: bytes) -> os.stat_result:
         return os.stat(name, dir_fd=parent.dir_fd, follow_symlinks=False)
 
-    def _share(self, st: os.stat_result, parent: Node, name: bytes) -> Share | None:
-        if self.index is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-            return None
-        if not self.index.is_object(st.st_dev, st.st_ino, st.st_ctime_ns):
-            return None
-        return self.index.share_of(self.table.child_path(parent, name))
+    def _is_object(self, st: os.stat_result) -> bool:
+        return (
+            self.index is not None
+            and st.st_nlink > 1
+            and stat.S_ISREG(st.st_mode)
+            and self.index.is_object(st.st_dev, st.st_ino, st.st_ctime_ns)
+        )
 
-    def _node_at(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
-        """The node that `name` in `parent` leads to, made if new; the entry is recorded."""
-        share = self._share(st, parent, name)
+    def _share(
+        self, st: os.stat_result, parent: Node, name: bytes, parent_path: bytes | None = None
+    ) -> Share | None:
+        if self.index is None or not self._is_object(st):
+            return None
+        if parent_path is None:
+            parent_path = self.table.path(parent)
+        return self.index.share_of(parent_path + b"/" + name)
+
+    def _node_at(
+        self, parent: Node, name: bytes, st: os.stat_result, parent_path: bytes | None = None
+    ) -> Node:
+        """The node that `name` in `parent` leads to, made if new; the entry is recorded.
+
+        `parent_path` is the parent's guest path when the caller knows it already.
+        """
+        node = self.table.entry(parent.ino, name)
+        if (
+            node is not None
+            and node.bino == st.st_ino
+            and node.dev == st.st_dev
+            # An inode a unify run made a store object meanwhile needs a node of its own.
+            and (node.share is not None or not self._is_object(st))
+        ):
+            # Known entry, same inode: the node and its share stand (every change of a
+            # name or a group goes through this daemon and updates the entry).
+            if (parent.ino, name) not in node.names:
+                self.table.name(node, parent.ino, name)
+            return node
+        share = self._share(st, parent, name, parent_path)
         node = self.table.find((st.st_dev, st.st_ino, share))
         if node is None:
             node = self.table.add(st.st_dev, st.st_ino, st.st_mode, share)
@@ -203,6 +235,10 @@ class CowlinkOperations(pyfuse3.Operations):
 
     def _where(self, node: Node) -> _cow.Where:
         """A live (directory fd, name) for a node, checked to still lead to it."""
+        return self._located(node)[0]
+
+    def _located(self, node: Node) -> tuple[_cow.Where, os.stat_result]:
+        """`_where`, with the stat that checked it (one syscall, not two, for getattr)."""
         for parent_ino, name in list(node.names):
             try:
                 parent = self.table.get(parent_ino)
@@ -210,14 +246,20 @@ class CowlinkOperations(pyfuse3.Operations):
             except (KeyError, FileNotFoundError):
                 node.names.discard((parent_ino, name))
                 continue
-            if (st.st_dev, st.st_ino) == (node.dev, node.bino):
-                return _cow.Where(parent.dir_fd, name)
+            if st.st_ino == node.bino and st.st_dev == node.dev:
+                return _cow.Where(parent.dir_fd, name), st
             if self._breaking(node):
                 # Mid-break a name may lead to the private copy already: same bytes,
                 # same metadata, and open handles are re-pointed once the break is done.
-                return _cow.Where(parent.dir_fd, name)
+                return _cow.Where(parent.dir_fd, name), st
             node.names.discard((parent_ino, name))
         raise OSError(errno.ESTALE, "the file has no name left")
+
+    def _handle_fd(self, node: Node) -> int | None:
+        """The fd of any open handle of the node: it reaches the inode without a lookup."""
+        for fh in node.handles:
+            return self._files[fh].fd
+        return None
 
     def _breaking(self, node: Node) -> bool:
         lock = self._breaks.get(node.ino)
@@ -234,13 +276,10 @@ class CowlinkOperations(pyfuse3.Operations):
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.is_dir:
             return os.stat(node.dir_fd)
-        try:
-            where = self._where(node)
-        except OSError:
-            for fh in node.handles:
-                return os.fstat(self._files[fh].fd)
-            raise
-        return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+        fd = self._handle_fd(node)  # open handles follow the node, even across a break
+        if fd is not None:
+            return os.fstat(fd)
+        return self._located(node)[1]
 
     def _open_node(self, node: Node, flags: int) -> int:
         try:
@@ -381,19 +420,18 @@ class CowlinkOperations(pyfuse3.Operations):
             await self._break(node, keep_data=not (fields.update_size and attr.st_size == 0))
         if node.share is not None:  # unchanged: nothing to write to the shared inode
             return self._entry(node, self._stat_node(node))
-        fd = self._files[fh].fd if fh is not None else None
+        # fchown(2) and friends arrive without a handle: any open handle of the file
+        # reaches the same inode with one syscall and no name lookup (tar's fchown,
+        # fchmod and futimens on the file it is writing; the kernel's flush of cached
+        # times on an unlinked file).
+        own_fd = self._files[fh].fd if fh is not None else None
+        fd = own_fd if own_fd is not None or node.is_dir else self._handle_fd(node)
         where = None
         if fd is None and not node.is_dir:
-            try:
-                where = self._where(node)
-            except OSError:
-                # Unlinked: the kernel still flushes its cached times to it while open.
-                fd = next((self._files[h].fd for h in node.handles), None)
-                if fd is None:
-                    raise
+            where = self._where(node)
         if fields.update_size:
-            if fd is not None:
-                os.ftruncate(fd, attr.st_size)
+            if own_fd is not None:  # ftruncate: the kernel names the writable handle
+                os.ftruncate(own_fd, attr.st_size)
             else:
                 wfd = self._open_node(node, os.O_WRONLY)
                 try:
@@ -421,7 +459,8 @@ class CowlinkOperations(pyfuse3.Operations):
                 os.chmod(where.name, mode, dir_fd=where.dir_fd)
         if fields.update_atime or fields.update_mtime:
             # utimensat's UTIME_OMIT is out of Python's reach: keep the other time as it is.
-            now = None if fields.update_atime and fields.update_mtime else self._stat_node(node)
+            both = fields.update_atime and fields.update_mtime
+            now = None if both else os.fstat(fd) if fd is not None else self._stat_node(node)
             atime = attr.st_atime_ns if now is None or fields.update_atime else now.st_atime_ns
             mtime = attr.st_mtime_ns if now is None or fields.update_mtime else now.st_mtime_ns
             if fd is not None:
@@ -702,6 +741,9 @@ class CowlinkOperations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
+        # A new inode carries no file capability: the kernel's probe before each write
+        # is answered from memory (setxattr clears this).
+        node.no_caps = True
         node.lookups += 1
         return self._file_info(fd, node, open_flags), self._entry(node, st)
 
@@ -756,20 +798,36 @@ class CowlinkOperations(pyfuse3.Operations):
                     names = [n for n in names if n not in ours]
                 parent.listing = names
             handle.entries = parent.listing
-        for index in range(start_id, len(handle.entries)):
-            name = handle.entries[index]
-            try:
-                st = self._stat_at(parent, name)
-            except FileNotFoundError:
-                continue
-            node = self._node_at(parent, name, st)
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
-                if node.lookups == 0:  # made just now for this entry: the kernel never saw it
-                    if node.dir_fd >= 0:
-                        os.close(node.dir_fd)
-                    self.table.drop(node)
-                return
-            node.lookups += 1
+        entries = handle.entries
+        parent_path: bytes | None = None
+        for first in range(start_id, len(entries), _READDIR_BATCH):
+            batch: list[tuple[int, bytes, os.stat_result]] = []
+            for index in range(first, min(first + _READDIR_BATCH, len(entries))):
+                name = entries[index]
+                try:
+                    batch.append((index, name, self._stat_at(parent, name)))
+                except FileNotFoundError:
+                    continue
+            candidates = [
+                (st.st_dev, st.st_ino, st.st_ctime_ns)
+                for _, _, st in batch
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+            ]
+            if candidates and self.index is not None:
+                # One catalogue query for the batch instead of one per file seen first.
+                self.index.prefetch(candidates)
+                if parent_path is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        parent_path = self.table.path(parent)
+            for index, name, st in batch:
+                node = self._node_at(parent, name, st, parent_path)
+                if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
+                    if node.lookups == 0:  # made just now for this entry: never sent
+                        if node.dir_fd >= 0:
+                            os.close(node.dir_fd)
+                        self.table.drop(node)
+                    return
+                node.lookups += 1
 
     @_handler
     async def releasedir(self, fh: int) -> None:
