@@ -88,9 +88,9 @@ class _File:
 
 @dataclass(eq=False)
 class _Dir:
-    fd: int
     node: Node
     entries: list[bytes] | None = None
+    fd: int = -1  # opened when first needed: a walk mostly reads listings kept in memory
 
 
 @dataclass
@@ -141,7 +141,8 @@ class CowlinkOperations(pyfuse3.Operations):
     def close(self) -> None:
         """Close every fd the table and handles hold (after unmounting)."""
         for fd in [h.fd for h in self._files.values()] + [h.fd for h in self._dirs.values()]:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._files.clear()
         self._dirs.clear()
         os.close(self.table.root.dir_fd)
@@ -194,6 +195,25 @@ class CowlinkOperations(pyfuse3.Operations):
             parent_path = self.table.path(parent)
         return self.index.share_of(parent_path + b"/" + name)
 
+    def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node | None:
+        """The node the entry led to before, if it still leads to the same inode.
+
+        Its share stands too: every change of a name or a link group goes through this
+        daemon and updates the entry.
+        """
+        node = self.table.entry(parent.ino, name)
+        if (
+            node is None
+            or node.bino != st.st_ino
+            or node.dev != st.st_dev
+            # An inode a unify run made a store object meanwhile needs a node of its own.
+            or (node.share is None and self._is_object(st))
+        ):
+            return None
+        if (parent.ino, name) not in node.names:
+            self.table.name(node, parent.ino, name)
+        return node
+
     def _node_at(
         self, parent: Node, name: bytes, st: os.stat_result, parent_path: bytes | None = None
     ) -> Node:
@@ -201,18 +221,8 @@ class CowlinkOperations(pyfuse3.Operations):
 
         `parent_path` is the parent's guest path when the caller knows it already.
         """
-        node = self.table.entry(parent.ino, name)
-        if (
-            node is not None
-            and node.bino == st.st_ino
-            and node.dev == st.st_dev
-            # An inode a unify run made a store object meanwhile needs a node of its own.
-            and (node.share is not None or not self._is_object(st))
-        ):
-            # Known entry, same inode: the node and its share stand (every change of a
-            # name or a group goes through this daemon and updates the entry).
-            if (parent.ino, name) not in node.names:
-                self.table.name(node, parent.ino, name)
+        node = self._known(parent, name, st)
+        if node is not None:
             return node
         share = self._share(st, parent, name, parent_path)
         node = self.table.find((st.st_dev, st.st_ino, share))
@@ -776,10 +786,16 @@ class CowlinkOperations(pyfuse3.Operations):
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.table.get(inode)
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.dir_fd)
         fh = self._take_fh()
-        self._dirs[fh] = _Dir(fd, node)
+        self._dirs[fh] = _Dir(node)
         return fh
+
+    def _dir_fd(self, handle: _Dir) -> int:
+        """A readable fd of the handle's directory (listdir and fsync cannot use O_PATH)."""
+        if handle.fd < 0:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            handle.fd = os.open(".", flags, dir_fd=handle.node.dir_fd)
+        return handle.fd
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -790,7 +806,7 @@ class CowlinkOperations(pyfuse3.Operations):
             # (the inode number cannot serve: hardlinks repeat it in one directory). It
             # is kept until a name in the directory changes, which only we can do.
             if parent.listing is None:
-                names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+                names = [os.fsencode(n) for n in os.listdir(self._dir_fd(handle))]
                 ours = [n for n in names if self.temp_names.is_ours(n)]
                 if ours:  # breaks in progress, or copies a killed daemon left
                     leftovers = [n for n in ours if n not in self._in_flight]
@@ -801,17 +817,18 @@ class CowlinkOperations(pyfuse3.Operations):
         entries = handle.entries
         parent_path: bytes | None = None
         for first in range(start_id, len(entries), _READDIR_BATCH):
-            batch: list[tuple[int, bytes, os.stat_result]] = []
+            batch: list[tuple[int, bytes, os.stat_result, Node | None]] = []
             for index in range(first, min(first + _READDIR_BATCH, len(entries))):
                 name = entries[index]
                 try:
-                    batch.append((index, name, self._stat_at(parent, name)))
+                    st = self._stat_at(parent, name)
                 except FileNotFoundError:
                     continue
+                batch.append((index, name, st, self._known(parent, name, st)))
             candidates = [
                 (st.st_dev, st.st_ino, st.st_ctime_ns)
-                for _, _, st in batch
-                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+                for _, _, st, known in batch
+                if known is None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
             ]
             if candidates and self.index is not None:
                 # One catalogue query for the batch instead of one per file seen first.
@@ -819,8 +836,8 @@ class CowlinkOperations(pyfuse3.Operations):
                 if parent_path is None:
                     with contextlib.suppress(FileNotFoundError):
                         parent_path = self.table.path(parent)
-            for index, name, st in batch:
-                node = self._node_at(parent, name, st, parent_path)
+            for index, name, st, known in batch:
+                node = known or self._node_at(parent, name, st, parent_path)
                 if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
                     if node.lookups == 0:  # made just now for this entry: never sent
                         if node.dir_fd >= 0:
@@ -831,11 +848,13 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        os.close(self._dirs.pop(fh).fd)
+        fd = self._dirs.pop(fh).fd
+        if fd >= 0:
+            os.close(fd)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = self._dirs[fh].fd
+        fd = self._dir_fd(self._dirs[fh])
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
