@@ -60,40 +60,22 @@ class _ReadLock:
 
     async def __aexit__(self, *exc: object) -> None:
         self._held = False
-        self._lot.unpark()
+        if self._lot:  # a waiter woken before and not yet back will look anyway
+            self._lot.unpark()
 
 
 class _Lowlevel:
     """trio.lowlevel, with the request loop's wait_readable."""
 
-    def __init__(self, owner: RequestLoopTrio) -> None:
-        self._owner = owner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(trio.lowlevel, name)
-
-    async def wait_readable(self, fd: int) -> None:
-        await self._owner.wait_readable(fd)
-
-
-class RequestLoopTrio:
-    """Stands in for the trio module inside pyfuse3 (`pyfuse3.trio`); see the module notes."""
-
     def __init__(self) -> None:
-        self.lowlevel = _Lowlevel(self)
-        self._lock: _ReadLock | None = None
+        self.lock: _ReadLock | None = None
         self._polls: dict[int, select.poll] = {}
         self._streak = 0
-        #: Waits that returned at once / that were trio's own (read by tests).
         self.quick_waits = 0
         self.trio_waits = 0
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(trio, name)
-
-    def Lock(self) -> _ReadLock:  # pyfuse3 calls trio.Lock()
-        self._lock = _ReadLock()
-        return self._lock
+        return getattr(trio.lowlevel, name)
 
     def _queued(self, fd: int) -> bool:
         poll = self._polls.get(fd)
@@ -103,7 +85,7 @@ class RequestLoopTrio:
         return bool(poll.poll(0))
 
     async def wait_readable(self, fd: int) -> None:
-        lock = self._lock
+        lock = self.lock
         if self._streak < _STREAK and lock is not None and lock.standby and self._queued(fd):
             self._streak += 1
             self.quick_waits += 1
@@ -111,3 +93,27 @@ class RequestLoopTrio:
         self._streak = 0
         self.trio_waits += 1
         await trio.lowlevel.wait_readable(fd)
+
+
+class RequestLoopTrio:
+    """Stands in for the trio module inside pyfuse3 (`pyfuse3.trio`); see the module notes."""
+
+    def __init__(self) -> None:
+        self.lowlevel = _Lowlevel()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(trio, name)
+
+    def Lock(self) -> _ReadLock:  # pyfuse3 calls trio.Lock()
+        self.lowlevel.lock = _ReadLock()
+        return self.lowlevel.lock
+
+    @property
+    def quick_waits(self) -> int:
+        """Waits that returned at once, a request being queued already."""
+        return self.lowlevel.quick_waits
+
+    @property
+    def trio_waits(self) -> int:
+        """Waits that were trio's own."""
+        return self.lowlevel.trio_waits
