@@ -4,10 +4,10 @@ pyfuse3 runs its request loop on its module attribute `trio` (its asyncio mode s
 stand-in in the same way), and each of its worker tasks does, per request: take the read
 lock, wait until /dev/fuse is readable, let go of the lock, read the request, run the
 handler. With trio's own Lock and wait, every request cost two passes of trio's
-scheduler, as long as the handler itself: trio's Lock is fair, so the task that let go
-hands the lock to a standby task that only parks again, and the wait parks in epoll even
-when the next request is queued already. A guest's untar sends about fourteen requests
-per file, so this was half of the daemon's time.
+scheduler, more than most handlers: trio's Lock is fair, so the task that let go hands
+the lock to a standby task that only parks again, and the wait parks in epoll even when
+the next request is queued already. A guest's untar sends about fourteen requests per
+file (bench/README.md, "cowlink mount", has the figures).
 
 Two changes, both to that wait and nothing else:
 
