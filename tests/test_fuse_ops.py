@@ -249,3 +249,14 @@ async def test_setattr_through_an_open_handle_reaches_an_unlinked_file(
     assert (await ops.setattr(attr.st_ino, size, _fields(size=True), None, CTX)).st_size == 2
     assert await ops.read(info.fh, 0, 10) == b"da"
     await ops.release(info.fh)
+
+
+async def test_directory_handles_sync_and_list_without_reading_first(
+    ops: CowlinkOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usr = await _walk(ops, "usr")
+    fh = await ops.opendir(usr.st_ino, CTX)
+    await ops.fsyncdir(fh, False)
+    await ops.releasedir(fh)
+    await ops.releasedir(await ops.opendir(usr.st_ino, CTX))  # never read: nothing to close
+    assert sorted(await _listing(ops, usr.st_ino, monkeypatch)) == [b"a", b"a2", b"x", b"y"]
