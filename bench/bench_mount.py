@@ -5,8 +5,10 @@
 Workloads: sequential read of a cached file, sequential write with fsync, a stat walk
 of a Debian guest tree (cold: caches dropped and filesystems remounted; warm: again at
 once), and untar of that tree. cowlink mounts a guest unified with a second copy of the
-tree; fuse-overlayfs has a plain copy as lowerdir. Prints seconds, ratios against
-fuse-overlayfs, and each daemon's peak RSS.
+tree; fuse-overlayfs has a plain copy as lowerdir. Each measurement runs `--repeat`
+times, the three trees in turn (the order reversed every other run). Prints min and
+median seconds, cowlink's ratios against fuse-overlayfs, each daemon's CPU time (user +
+system, median per run), its peak RSS, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,6 +81,15 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -158,78 +170,118 @@ def mounted(setup: Setup) -> Iterator[None]:
         setup.umount()
 
 
+class Results:
+    """Every run's wall time, and the daemons' CPU time for it, by workload and tree."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, dict[str, list[float]]] = {}
+        self.cpu: dict[str, dict[str, list[float]]] = {}
+
+    def timed(
+        self, workload: str, name: str, fn: Callable[[], object], daemons: dict[str, int]
+    ) -> None:
+        pid = daemons.get(name)
+        cpu = cpu_seconds(pid) if pid else 0.0
+        self.wall.setdefault(workload, {}).setdefault(name, []).append(timed(fn))
+        if pid:
+            used = cpu_seconds(pid) - cpu
+            self.cpu.setdefault(workload, {}).setdefault(name, []).append(used)
+
+    def render(self) -> list[str]:
+        med = statistics.median
+        head = f"{'workload':<20}{'tree':<16}{'min s':>9}{'median s':>10}{'daemon CPU s':>14}"
+        lines = [head]
+        for workload, by in self.wall.items():
+            for name, times in by.items():
+                cpu = self.cpu.get(workload, {}).get(name)
+                cpu_text = f"{med(cpu):>14.3f}" if cpu else f"{'-':>14}"
+                lines.append(
+                    f"{workload:<20}{name:<16}{min(times):>9.3f}{med(times):>10.3f}{cpu_text}"
+                )
+            cow, ovl = by["cowlink"], by["fuse-overlayfs"]
+            lines.append(
+                f"{'':<20}{'cow/ovl':<16}{min(cow) / min(ovl):>8.2f}x{med(cow) / med(ovl):>9.2f}x"
+            )
+        return lines
+
+
+def in_turn(trees: dict[str, Path], run: int) -> list[tuple[str, Path]]:
+    """The trees in turn, the order reversed every other run (neither goes first always)."""
+    items = list(trees.items())
+    return items if run % 2 == 0 else items[::-1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", default="/var/cache/cowlink-corpus/g1")
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument(
-        "--repeat", type=int, default=3, help="runs per measurement; the best is kept"
-    )
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement")
     args = parser.parse_args()
     size = args.size_mib * CHUNK
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench-mount-", dir=args.workdir))
-    results: dict[str, dict[str, float]] = {}
+    results = Results()
     rss: dict[str, int] = {}
     try:
         setup = Setup(work, Path(args.corpus), size)
         tarball = work / "guest.tar"
         run("tar", "-C", args.corpus, "-cf", str(tarball), ".")
 
-        def record(workload: str, name: str, seconds: float) -> None:
-            # The best of the runs: the machine is shared, and noise only adds time.
-            best = results.setdefault(workload, {}).get(name, seconds)
-            results[workload][name] = min(best, seconds)
-
         with mounted(setup):
-            for _ in range(args.repeat):
-                for name, tree in setup.trees().items():
+            daemons = setup.daemons()
+            for i in range(args.repeat):
+                for name, tree in in_turn(setup.trees(), i):
                     read_file(tree / "big")  # warm the caches
-                    record("seq read, cached", name, timed(partial(read_file, tree / "big")))
-                for name, tree in setup.trees().items():
-                    t = timed(partial(write_file, tree / "written", size))
-                    record("seq write + fsync", name, t)
+                    fn = partial(read_file, tree / "big")
+                    results.timed("seq read, cached", name, fn, daemons)
+                for name, tree in in_turn(setup.trees(), i):
+                    fn = partial(write_file, tree / "written", size)
+                    results.timed("seq write + fsync", name, fn, daemons)
                     (tree / "written").unlink()
-        for mode in ["cold", "warm"] * args.repeat:
+        for i, mode in enumerate(["cold", "warm"] * args.repeat):
             with mounted(setup):
+                daemons = setup.daemons()
                 if mode == "cold":
                     drop_caches()
                 else:
                     for tree in setup.trees().values():
                         stat_walk(tree)
-                for name, tree in setup.trees().items():
+                for name, tree in in_turn(setup.trees(), i // 2):
                     if mode == "cold":
                         drop_caches()
-                    record(f"stat walk, {mode}", name, timed(partial(stat_walk, tree)))
-                rss = {k: max(rss.get(k, 0), peak_rss_kib(v)) for k, v in setup.daemons().items()}
+                    results.timed(f"stat walk, {mode}", name, partial(stat_walk, tree), daemons)
+                rss = {k: max(rss.get(k, 0), peak_rss_kib(v)) for k, v in daemons.items()}
         with mounted(setup):
+            daemons = setup.daemons()
             for i in range(args.repeat):
-                for name, tree in setup.trees().items():
+                for name, tree in in_turn(setup.trees(), i):
                     dest = tree / f"untarred{i}"
                     dest.mkdir()
-                    t = timed(partial(run, "tar", "-C", str(dest), "-xf", str(tarball)))
-                    record("untar guest tree", name, t)
-            rss = {k: max(rss.get(k, 0), peak_rss_kib(v)) for k, v in setup.daemons().items()}
+                    fn = partial(run, "tar", "-C", str(dest), "-xf", str(tarball))
+                    results.timed("untar guest tree", name, fn, daemons)
+            rss = {k: max(rss.get(k, 0), peak_rss_kib(v)) for k, v in daemons.items()}
         files = stat_walk(Path(args.corpus))
     finally:
         subprocess.run(["chattr", "-R", "-f", "-i", str(work)], check=False)
         shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
 
     print(
         f"corpus {args.corpus}: {files} entries; big file {args.size_mib} MiB;"
-        f" best of {args.repeat}"
+        f" {args.repeat} runs each"
     )
-    print(f"{'workload':<22}{'ext4 s':>10}{'cowlink s':>11}{'overlay s':>11}{'cow/ovl':>10}")
-    for workload, by in results.items():
-        ratio = by["cowlink"] / by["fuse-overlayfs"]
-        print(
-            f"{workload:<22}{by['ext4']:>10.3f}{by['cowlink']:>11.3f}"
-            f"{by['fuse-overlayfs']:>11.3f}{ratio:>9.2f}x"
-        )
-    print("time ratio cow/ovl: <1 means cowlink is faster; throughput ratio is its inverse")
+    print("\n".join(results.render()))
+    print("cow/ovl is a time ratio (min, median): throughput ratio is its inverse")
     print(
         f"peak RSS: cowlink {rss.get('cowlink', 0)} KiB,"
         f" fuse-overlayfs {rss.get('fuse-overlayfs', 0)} KiB"
+    )
+    print(
+        "load average (1, 5, 15 min): before "
+        + " ".join(f"{x:.2f}" for x in load_before)
+        + ", after "
+        + " ".join(f"{x:.2f}" for x in load_after)
     )
     return 0
 

@@ -203,6 +203,21 @@ class Catalogue:
             else ObjectRow(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6]))
         )
 
+    def objects_among(self, dev: int, inos: Iterable[int]) -> set[int]:
+        """Which of these inode numbers on `dev` are store objects (one query per 500)."""
+        wanted = list(inos)
+        found: set[int] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT ino FROM objects WHERE dev = ? AND ino IN ({marks})", (dev, *chunk)
+                )
+            )
+        return found
+
     def put_object(self, row: ObjectRow) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",

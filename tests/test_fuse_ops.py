@@ -16,7 +16,7 @@ from cowlink_fuse._groups import SharedIndex
 
 from cowlink._catalogue import Catalogue
 from cowlink._store import TempNames
-from tests._mounts import Guests, make_guests
+from tests._mounts import Guests, cowlink, make_guests, write
 from tests._util import need_immutable
 
 CTX: Any = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
@@ -144,3 +144,119 @@ async def test_forget_releases_nodes(ops: CowlinkOperations) -> None:
     count = len(ops.table)
     await ops.forget([(a.st_ino, 2)])  # _walk looked it up once, and we once more
     assert len(ops.table) == count - 1
+
+
+async def _listing(
+    ops: CowlinkOperations, ino: int, monkeypatch: pytest.MonkeyPatch
+) -> dict[bytes, pyfuse3.EntryAttributes]:
+    """One readdir pass, as readdirplus hands it to the kernel."""
+    entries: dict[bytes, pyfuse3.EntryAttributes] = {}
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        entries[name] = attr
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fh = await ops.opendir(ino, CTX)
+    await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+    await ops.releasedir(fh)
+    return entries
+
+
+async def test_readdir_follows_every_change_made_through_the_mount(
+    ops: CowlinkOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usr = await _walk(ops, "usr")
+    a = await _walk(ops, "usr/a")
+    seen = await _listing(ops, usr.st_ino, monkeypatch)
+    assert seen[b"a"].st_ino == seen[b"a2"].st_ino == a.st_ino
+    assert seen[b"a"].st_nlink == 2
+    info = await ops.open(a.st_ino, os.O_WRONLY, CTX)  # breaks the link group
+    await ops.release(info.fh)
+    seen = await _listing(ops, usr.st_ino, monkeypatch)
+    assert seen[b"a"].st_ino == seen[b"a2"].st_ino == a.st_ino
+    assert seen[b"a"].st_nlink == 2
+    await ops.rename(usr.st_ino, b"a2", usr.st_ino, b"b", 0, CTX)
+    seen = await _listing(ops, usr.st_ino, monkeypatch)
+    assert b"a2" not in seen
+    assert seen[b"b"].st_ino == a.st_ino
+    await ops.unlink(usr.st_ino, b"b", CTX)
+    created, attr = await ops.create(usr.st_ino, b"c", 0o100644, os.O_WRONLY | os.O_CREAT, CTX)
+    await ops.release(created.fh)
+    seen = await _listing(ops, usr.st_ino, monkeypatch)
+    assert sorted(seen) == [b"a", b"c", b"x", b"y"]
+    assert (seen[b"a"].st_ino, seen[b"a"].st_nlink) == (a.st_ino, 1)
+    assert seen[b"c"].st_ino == attr.st_ino
+
+
+async def test_a_file_unify_makes_a_store_object_meanwhile_is_shared_from_then_on(
+    guests: Guests, ops: CowlinkOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for root in guests.roots.values():
+        write(root / "usr/late", b"late\n", xattrs={"user.origin": b"debian"})
+    usr = await _walk(ops, "usr")
+    before = await ops.lookup(usr.st_ino, b"late", CTX)
+    assert (await _listing(ops, usr.st_ino, monkeypatch))[b"late"].st_ino == before.st_ino
+    late = guests.roots["g1"] / "usr/late"
+    ino = os.stat(late).st_ino
+    cowlink(guests.home, "unify", "--no-default-excludes", *map(str, guests.roots.values()))
+    # unify made g1's own inode the object: only the catalogue tells the daemon
+    assert os.stat(late).st_ino == ino
+    assert os.stat(late).st_nlink == 3  # g1, g2 and the store
+    ops.index = SharedIndex(Catalogue.open(guests.home / "catalogue.sqlite"), ops.root)
+    listed = (await _listing(ops, usr.st_ino, monkeypatch))[b"late"]
+    looked_up = await ops.lookup(usr.st_ino, b"late", CTX)
+    assert listed.st_ino == looked_up.st_ino
+    assert looked_up.st_nlink == 1  # g2's link and the store's are not g1's business
+    info = await ops.open(looked_up.st_ino, os.O_WRONLY | os.O_TRUNC, CTX)
+    await ops.write(info.fh, 0, b"mine\n")
+    await ops.release(info.fh)
+    assert ops.stats.breaks == 1
+    assert (guests.roots["g2"] / "usr/late").read_bytes() == b"late\n"
+    assert late.read_bytes() == b"mine\n"
+
+
+async def test_new_files_carry_no_capability_until_one_is_set(ops: CowlinkOperations) -> None:
+    usr = await _walk(ops, "usr")
+    info, attr = await ops.create(usr.st_ino, b"tool", 0o100755, os.O_WRONLY | os.O_CREAT, CTX)
+    caps = b"security.capability"
+    with pytest.raises(pyfuse3.FUSEError) as missing:
+        await ops.getxattr(attr.st_ino, caps, CTX)
+    assert missing.value.errno == pyfuse3.ENOATTR
+    value = bytes.fromhex("0000000200200000000000000000000000000000")  # cap_net_raw+ep
+    await ops.setxattr(attr.st_ino, caps, value, CTX)
+    assert await ops.getxattr(attr.st_ino, caps, CTX) == value
+    await ops.release(info.fh)
+
+
+async def test_setattr_through_an_open_handle_reaches_an_unlinked_file(
+    ops: CowlinkOperations,
+) -> None:
+    usr = await _walk(ops, "usr")
+    info, attr = await ops.create(usr.st_ino, b"tmp", 0o100600, os.O_RDWR | os.O_CREAT, CTX)
+    await ops.write(info.fh, 0, b"data")
+    await ops.unlink(usr.st_ino, b"tmp", CTX)
+    new = pyfuse3.EntryAttributes()
+    new.st_mode, new.st_uid, new.st_gid = 0o100640, 1000, 1000
+    new.st_atime_ns, new.st_mtime_ns = 0, 1_000_000_000
+    fields = _fields(mode=True, uid=True, gid=True, mtime=True)
+    out = await ops.setattr(attr.st_ino, new, fields, None, CTX)
+    assert (out.st_mode & 0o7777, out.st_uid, out.st_gid) == (0o640, 1000, 1000)
+    assert out.st_mtime_ns == 1_000_000_000
+    assert out.st_atime_ns == attr.st_atime_ns  # only what was asked for changes
+    size = pyfuse3.EntryAttributes()
+    size.st_size = 2
+    assert (await ops.setattr(attr.st_ino, size, _fields(size=True), None, CTX)).st_size == 2
+    assert await ops.read(info.fh, 0, 10) == b"da"
+    await ops.release(info.fh)
+
+
+async def test_directory_handles_sync_and_list_without_reading_first(
+    ops: CowlinkOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    usr = await _walk(ops, "usr")
+    fh = await ops.opendir(usr.st_ino, CTX)
+    await ops.fsyncdir(fh, False)
+    await ops.releasedir(fh)
+    await ops.releasedir(await ops.opendir(usr.st_ino, CTX))  # never read: nothing to close
+    assert sorted(await _listing(ops, usr.st_ino, monkeypatch)) == [b"a", b"a2", b"x", b"y"]

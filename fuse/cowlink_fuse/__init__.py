@@ -6,6 +6,7 @@ General layout (dependencies point one way, cowlink_fuse -> cowlink):
     _groups   the catalogue as one guest sees it: store objects and link groups
     _cow      blocking copy-on-write steps, run in worker threads
     _ops      the pyfuse3 handlers; the only place FUSEError is raised
+    _loop     what pyfuse3's request loop sees as trio: trio, waiting less between requests
     _mount    the daemon: mount, serve, unmount; `python -m cowlink_fuse` runs it
 """
 

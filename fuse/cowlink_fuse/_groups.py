@@ -69,14 +69,30 @@ class SharedIndex:
             return True
         if self._not_objects.get(key) == ctime_ns:
             return False
-        if self.catalogue.object_by_inode(dev, ino) is not None:
+        found = self.catalogue.object_by_inode(dev, ino) is not None
+        self._learn(key, ctime_ns, found)
+        return found
+
+    def prefetch(self, inodes: list[tuple[int, int, int]]) -> None:
+        """Answer `is_object` for these (dev, ino, ctime_ns) ahead, in one query per device."""
+        unknown: defaultdict[int, dict[int, int]] = defaultdict(dict)
+        for dev, ino, ctime_ns in inodes:
+            key = (dev, ino)
+            if key not in self._objects and self._not_objects.get(key) != ctime_ns:
+                unknown[dev][ino] = ctime_ns
+        for dev, ctimes in unknown.items():
+            found = self.catalogue.objects_among(dev, ctimes)
+            for ino, ctime_ns in ctimes.items():
+                self._learn((dev, ino), ctime_ns, ino in found)
+
+    def _learn(self, key: tuple[int, int], ctime_ns: int, is_object: bool) -> None:
+        if is_object:
             self._objects.add(key)
             self._not_objects.pop(key, None)
-            return True
+            return
         if len(self._not_objects) > 1 << 20:
             self._not_objects.clear()
         self._not_objects[key] = ctime_ns
-        return False
 
     def share_of(self, path: bytes) -> Share:
         """The share of a name linked to a store object."""

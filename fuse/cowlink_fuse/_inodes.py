@@ -70,14 +70,14 @@ class Node:
     no_caps: bool = False
     listing: list[bytes] | None = None
     checked: int = 0
+    is_dir: bool = field(init=False)  # from `mode`, which a node keeps for life
+
+    def __post_init__(self) -> None:
+        self.is_dir = stat.S_ISDIR(self.mode)
 
     @property
     def key(self) -> Key:
         return (self.dev, self.bino, self.share)
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
 
 
 class InodeTable:

@@ -1,9 +1,10 @@
 """The daemon: mount a guest root, serve requests until unmounted or signalled, clean up.
 
-One `trio.run`. Resources are acquired in order, each cleanup registered right after:
-the catalogue, the operations (their fds), the FUSE session (unmounted on the way
-out). SIGTERM, SIGINT and SIGHUP end the session cleanly; a daemon killed outright
-is unmounted by fusermount3's auto_unmount watcher, so no hung mount is left behind.
+One `trio.run`, pyfuse3's request loop running on `_loop.RequestLoopTrio`. Resources are
+acquired in order, each cleanup registered right after: the catalogue, the operations
+(their fds), the FUSE session (unmounted on the way out). SIGTERM, SIGINT and SIGHUP end
+the session cleanly; a daemon killed outright is unmounted by fusermount3's auto_unmount
+watcher, so no hung mount is left behind.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cowlink._catalogue import Catalogue
 from cowlink._store import TempNames
 
 from ._groups import SharedIndex
+from ._loop import RequestLoopTrio
 from ._ops import CowlinkOperations
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,9 @@ def serve(options: MountOptions) -> None:
         stack.callback(ops.close)
         pyfuse3.init(ops, options.mountpoint, fuse_options())
         stack.callback(_close_session)
+        loop = RequestLoopTrio()
+        pyfuse3.trio = loop  # type: ignore[attr-defined]
+        stack.callback(setattr, pyfuse3, "trio", trio)
         log.info("mounted %s on %s", options.root, options.mountpoint)
         if options.ready_fd is not None:
             os.write(options.ready_fd, b"ready\n")
@@ -115,6 +120,9 @@ def serve(options: MountOptions) -> None:
             ops.stats.breaks,
             ops.stats.shared_unlinks,
             ops.stats.shared_renames,
+        )
+        log.info(
+            "waits between requests: %d at once, %d in trio", loop.quick_waits, loop.trio_waits
         )
 
 

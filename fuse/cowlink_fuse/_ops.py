@@ -16,6 +16,7 @@ already applied the caller's) and as root: a created file gets the caller's uid 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -43,6 +44,9 @@ TIMEOUT = 3600.0
 _OPEN_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SETID = stat.S_ISUID | stat.S_ISGID
 _CAPS = b"security.capability"
+#: Entries stat'ed (and looked up in the catalogue) together by readdir; a reply holds
+#: about 25 (4 KiB) to 200, so a batch costs at most a few stats the reply cannot take.
+_READDIR_BATCH = 64
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,9 +88,9 @@ class _File:
 
 @dataclass(eq=False)
 class _Dir:
-    fd: int
     node: Node
     entries: list[bytes] | None = None
+    fd: int = -1  # opened when first needed: a walk mostly reads listings kept in memory
 
 
 @dataclass
@@ -137,7 +141,8 @@ class CowlinkOperations(pyfuse3.Operations):
     def close(self) -> None:
         """Close every fd the table and handles hold (after unmounting)."""
         for fd in [h.fd for h in self._files.values()] + [h.fd for h in self._dirs.values()]:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._files.clear()
         self._dirs.clear()
         os.close(self.table.root.dir_fd)
@@ -173,19 +178,56 @@ class CowlinkOperations(pyfuse3.Operations):
     def _stat_at(self, parent: Node, name: bytes) -> os.stat_result:
         return os.stat(name, dir_fd=parent.dir_fd, follow_symlinks=False)
 
-    def _share(self, st: os.stat_result, parent: Node, name: bytes) -> Share | None:
-        if self.index is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
-            return None
-        if not self.index.is_object(st.st_dev, st.st_ino, st.st_ctime_ns):
-            return None
-        return self.index.share_of(self.table.child_path(parent, name))
+    def _is_object(self, st: os.stat_result) -> bool:
+        return (
+            self.index is not None
+            and st.st_nlink > 1
+            and stat.S_ISREG(st.st_mode)
+            and self.index.is_object(st.st_dev, st.st_ino, st.st_ctime_ns)
+        )
 
-    def _node_at(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
-        """The node that `name` in `parent` leads to, made if new; the entry is recorded."""
+    def _share(
+        self, st: os.stat_result, parent: Node, name: bytes, parent_path: bytes | None = None
+    ) -> Share | None:
+        if self.index is None or not self._is_object(st):
+            return None
+        if parent_path is None:
+            parent_path = self.table.path(parent)
+        return self.index.share_of(parent_path + b"/" + name)
+
+    def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node | None:
+        """The node the entry led to before, if it still leads to the same inode.
+
+        Its share stands too: every change of a name or a link group goes through this
+        daemon and updates the entry.
+        """
+        node = self.table.entry(parent.ino, name)
+        if (
+            node is None
+            or node.bino != st.st_ino
+            or node.dev != st.st_dev
+            # An inode a unify run made a store object meanwhile needs a node of its own.
+            or (node.share is None and self._is_object(st))
+        ):
+            return None
+        if (parent.ino, name) not in node.names:
+            self.table.name(node, parent.ino, name)
+        return node
+
+    def _node_at(
+        self, parent: Node, name: bytes, st: os.stat_result, parent_path: bytes | None = None
+    ) -> Node:
+        """The node that `name` in `parent` leads to, made if new; the entry is recorded.
+
+        `parent_path` is the parent's guest path when the caller knows it already.
+        """
         known = self.table.entry(parent.ino, name)
         if known is not None and (known.dev, known.bino) == (st.st_dev, st.st_ino):
             self._recheck(known)
-        share = self._share(st, parent, name)
+        node = self._known(parent, name, st)
+        if node is not None:
+            return node
+        share = self._share(st, parent, name, parent_path)
         node = self.table.find((st.st_dev, st.st_ino, share))
         if node is None:
             node = self.table.add(st.st_dev, st.st_ino, st.st_mode, share)
@@ -206,7 +248,7 @@ class CowlinkOperations(pyfuse3.Operations):
         node = self._node_at(parent, name, st)
         return node, self._entry(node, st)
 
-    def _known(self, inode: int) -> Node:
+    def _current(self, inode: int) -> Node:
         """The node, brought up to date with what a unify run made of its file meanwhile."""
         node = self.table.get(inode)
         self._recheck(node)
@@ -247,6 +289,10 @@ class CowlinkOperations(pyfuse3.Operations):
 
     def _where(self, node: Node) -> _cow.Where:
         """A live (directory fd, name) for a node, checked to still lead to it."""
+        return self._located(node)[0]
+
+    def _located(self, node: Node) -> tuple[_cow.Where, os.stat_result]:
+        """`_where`, with the stat that checked it (one syscall, not two, for getattr)."""
         for parent_ino, name in list(node.names):
             try:
                 parent = self.table.get(parent_ino)
@@ -254,14 +300,20 @@ class CowlinkOperations(pyfuse3.Operations):
             except (KeyError, FileNotFoundError):
                 node.names.discard((parent_ino, name))
                 continue
-            if (st.st_dev, st.st_ino) == (node.dev, node.bino):
-                return _cow.Where(parent.dir_fd, name)
+            if st.st_ino == node.bino and st.st_dev == node.dev:
+                return _cow.Where(parent.dir_fd, name), st
             if self._breaking(node):
                 # Mid-break a name may lead to the private copy already: same bytes,
                 # same metadata, and open handles are re-pointed once the break is done.
-                return _cow.Where(parent.dir_fd, name)
+                return _cow.Where(parent.dir_fd, name), st
             node.names.discard((parent_ino, name))
         raise OSError(errno.ESTALE, "the file has no name left")
+
+    def _handle_fd(self, node: Node) -> int | None:
+        """The fd of any open handle of the node: it reaches the inode without a lookup."""
+        for fh in node.handles:
+            return self._files[fh].fd
+        return None
 
     def _breaking(self, node: Node) -> bool:
         lock = self._breaks.get(node.ino)
@@ -278,13 +330,10 @@ class CowlinkOperations(pyfuse3.Operations):
     def _stat_node(self, node: Node) -> os.stat_result:
         if node.is_dir:
             return os.stat(node.dir_fd)
-        try:
-            where = self._where(node)
-        except OSError:
-            for fh in node.handles:
-                return os.fstat(self._files[fh].fd)
-            raise
-        return os.stat(where.name, dir_fd=where.dir_fd, follow_symlinks=False)
+        fd = self._handle_fd(node)  # open handles follow the node, even across a break
+        if fd is not None:
+            return os.fstat(fd)
+        return self._located(node)[1]
 
     def _open_node(self, node: Node, flags: int) -> int:
         try:
@@ -402,7 +451,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = self._known(inode)
+        node = self._current(inode)
         return self._entry(node, self._stat_node(node))
 
     @_handler
@@ -414,7 +463,7 @@ class CowlinkOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        node = self._known(inode)
+        node = self._current(inode)
         changes = (
             fields.update_size
             or fields.update_mode
@@ -427,19 +476,18 @@ class CowlinkOperations(pyfuse3.Operations):
             await self._break(node, keep_data=not (fields.update_size and attr.st_size == 0))
         if node.share is not None:  # unchanged: nothing to write to the shared inode
             return self._entry(node, self._stat_node(node))
-        fd = self._files[fh].fd if fh is not None else None
+        # fchown(2) and friends arrive without a handle: any open handle of the file
+        # reaches the same inode with one syscall and no name lookup (tar's fchown,
+        # fchmod and futimens on the file it is writing; the kernel's flush of cached
+        # times on an unlinked file).
+        own_fd = self._files[fh].fd if fh is not None else None
+        fd = own_fd if own_fd is not None or node.is_dir else self._handle_fd(node)
         where = None
         if fd is None and not node.is_dir:
-            try:
-                where = self._where(node)
-            except OSError:
-                # Unlinked: the kernel still flushes its cached times to it while open.
-                fd = next((self._files[h].fd for h in node.handles), None)
-                if fd is None:
-                    raise
+            where = self._where(node)
         if fields.update_size:
-            if fd is not None:
-                os.ftruncate(fd, attr.st_size)
+            if own_fd is not None:  # ftruncate: the kernel names the writable handle
+                os.ftruncate(own_fd, attr.st_size)
             else:
                 wfd = self._open_node(node, os.O_WRONLY)
                 try:
@@ -467,7 +515,8 @@ class CowlinkOperations(pyfuse3.Operations):
                 os.chmod(where.name, mode, dir_fd=where.dir_fd)
         if fields.update_atime or fields.update_mtime:
             # utimensat's UTIME_OMIT is out of Python's reach: keep the other time as it is.
-            now = None if fields.update_atime and fields.update_mtime else self._stat_node(node)
+            both = fields.update_atime and fields.update_mtime
+            now = None if both else os.fstat(fd) if fd is not None else self._stat_node(node)
             atime = attr.st_atime_ns if now is None or fields.update_atime else now.st_atime_ns
             mtime = attr.st_mtime_ns if now is None or fields.update_mtime else now.st_mtime_ns
             if fd is not None:
@@ -671,7 +720,7 @@ class CowlinkOperations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self._known(inode)
+        node = self._current(inode)
         parent = self.table.get(new_parent_inode)
         if node.share is not None:
             await self._break(node)  # a new name must join the guest's file, not the store's
@@ -705,7 +754,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        node = self._known(inode)
+        node = self._current(inode)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if node.share is not None and writing:
             await self._break(node, keep_data=not flags & os.O_TRUNC)
@@ -748,6 +797,9 @@ class CowlinkOperations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
+        # A new inode carries no file capability: the kernel's probe before each write
+        # is answered from memory (setxattr clears this).
+        node.no_caps = True
         node.lookups += 1
         return self._file_info(fd, node, open_flags), self._entry(node, st)
 
@@ -780,10 +832,16 @@ class CowlinkOperations(pyfuse3.Operations):
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.table.get(inode)
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.dir_fd)
         fh = self._take_fh()
-        self._dirs[fh] = _Dir(fd, node)
+        self._dirs[fh] = _Dir(node)
         return fh
+
+    def _dir_fd(self, handle: _Dir) -> int:
+        """A readable fd of the handle's directory (listdir and fsync cannot use O_PATH)."""
+        if handle.fd < 0:
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+            handle.fd = os.open(".", flags, dir_fd=handle.node.dir_fd)
+        return handle.fd
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -794,7 +852,7 @@ class CowlinkOperations(pyfuse3.Operations):
             # (the inode number cannot serve: hardlinks repeat it in one directory). It
             # is kept until a name in the directory changes, which only we can do.
             if parent.listing is None:
-                names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+                names = [os.fsencode(n) for n in os.listdir(self._dir_fd(handle))]
                 ours = [n for n in names if self.temp_names.is_ours(n)]
                 if ours:  # breaks in progress, or copies a killed daemon left
                     leftovers = [n for n in ours if n not in self._in_flight]
@@ -802,28 +860,47 @@ class CowlinkOperations(pyfuse3.Operations):
                     names = [n for n in names if n not in ours]
                 parent.listing = names
             handle.entries = parent.listing
-        for index in range(start_id, len(handle.entries)):
-            name = handle.entries[index]
-            try:
-                st = self._stat_at(parent, name)
-            except FileNotFoundError:
-                continue
-            node = self._node_at(parent, name, st)
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
-                if node.lookups == 0:  # made just now for this entry: the kernel never saw it
-                    if node.dir_fd >= 0:
-                        os.close(node.dir_fd)
-                    self.table.drop(node)
-                return
-            node.lookups += 1
+        entries = handle.entries
+        parent_path: bytes | None = None
+        for first in range(start_id, len(entries), _READDIR_BATCH):
+            batch: list[tuple[int, bytes, os.stat_result, Node | None]] = []
+            for index in range(first, min(first + _READDIR_BATCH, len(entries))):
+                name = entries[index]
+                try:
+                    st = self._stat_at(parent, name)
+                except FileNotFoundError:
+                    continue
+                batch.append((index, name, st, self._known(parent, name, st)))
+            candidates = [
+                (st.st_dev, st.st_ino, st.st_ctime_ns)
+                for _, _, st, known in batch
+                if known is None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+            ]
+            if candidates and self.index is not None:
+                # One catalogue query for the batch instead of one per file seen first.
+                self.index.prefetch(candidates)
+                if parent_path is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        parent_path = self.table.path(parent)
+            for index, name, st, known in batch:
+                node = known or self._node_at(parent, name, st, parent_path)
+                if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 1):
+                    if node.lookups == 0:  # made just now for this entry: never sent
+                        if node.dir_fd >= 0:
+                            os.close(node.dir_fd)
+                        self.table.drop(node)
+                    return
+                node.lookups += 1
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        os.close(self._dirs.pop(fh).fd)
+        fd = self._dirs.pop(fh).fd
+        if fd >= 0:
+            os.close(fd)
 
     @_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        fd = self._dirs[fh].fd
+        fd = self._dir_fd(self._dirs[fh])
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @_handler
@@ -889,7 +966,7 @@ class CowlinkOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        node = self._known(inode)
+        node = self._current(inode)
         if node.share is not None:
             await self._break(node)
         node.no_caps = False
@@ -898,7 +975,7 @@ class CowlinkOperations(pyfuse3.Operations):
 
     @_handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        node = self._known(inode)
+        node = self._current(inode)
         if node.share is not None:
             await self._break(node)
         target, follow = self._xattr_target(node)
