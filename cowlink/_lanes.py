@@ -2,7 +2,9 @@
 
 Files of different sizes never share a store object, so size classes can be linked
 independently. Each lane is a forked copy of the engine (the walk's tables are shared
-copy-on-write) that opens its own catalogue connection and links its own size classes.
+copy-on-write) that opens its own catalogue connection and takes size classes one at a
+time from a queue the parent feeds (a pipe of 8-byte records, largest class first), so
+the lanes stay busy to the end however uneven the classes are.
 What a lane reports (actions, problems, progress) and its final counts come back to the
 parent over a pipe, and the parent hands them to its reporter, so a lane prints nothing
 itself. A lane dies with its parent (PR_SET_PDEATHSIG): killing unify kills all of it,
@@ -30,6 +32,10 @@ from ._signals import StopRequest
 #: Events a lane gathers before it writes them to the parent in one message.
 _EVENTS_PER_MESSAGE = 256
 _LENGTH = struct.Struct("!I")
+#: One queued size class. Writes of whole records up to PIPE_BUF bytes are atomic, and
+#: every read takes one record, so no lane ever gets part of one.
+_RECORD = struct.Struct("!Q")
+_RECORDS_PER_WRITE = 4096 // _RECORD.size
 
 Event = tuple[Any, ...]
 
@@ -73,23 +79,9 @@ class Channel:
 
 
 def default_lanes() -> int:
-    """One lane per CPU this process may run on, at most 8 (the disk is shared anyway)."""
-    return max(1, min(8, len(os.sched_getaffinity(0))))
-
-
-def deal(weights: dict[int, int], lanes: int) -> list[list[int]]:
-    """Deal size classes (size -> weight) into `lanes` lists of about equal weight.
-
-    Heaviest first, each to the lightest lane; each lane then runs largest size first,
-    as a single process does. Empty lanes are dropped.
-    """
-    loads = [0] * lanes
-    dealt: list[list[int]] = [[] for _ in range(lanes)]
-    for size, weight in sorted(weights.items(), key=lambda item: (-item[1], -item[0])):
-        lane = loads.index(min(loads))
-        dealt[lane].append(size)
-        loads[lane] += weight
-    return [sorted(sizes, reverse=True) for sizes in dealt if sizes]
+    """One lane more than the CPUs this process may run on (a lane often waits on the
+    journal, and another then takes the CPU), at most 8 (the disk is shared anyway)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) + 1))
 
 
 def can_fork() -> bool:
@@ -99,15 +91,17 @@ def can_fork() -> bool:
 
 
 def run_lanes(
-    lanes: Sequence[list[int]],
-    work: Callable[[list[int], Channel], LaneResult],
+    lanes: int,
+    sizes: Sequence[int],
+    work: Callable[[Callable[[], int | None], Channel], LaneResult],
     stop: StopRequest,
     on_event: Callable[[int, Event], None],
     on_result: Callable[[int, LaneResult], None],
 ) -> None:
-    """Run `work(sizes, channel)` in one forked child per lane; wait for all of them.
+    """Fork `lanes` children running `work(next_size, channel)`; feed them `sizes` in order.
 
-    Each event a lane sends reaches `on_event(lane index, event)`, its result
+    `next_size()` returns the next size class to link, None when there are no more. Each
+    event a lane sends reaches `on_event(lane index, event)`, its result
     `on_result(lane index, result)`. A stop signal this process gets is passed on to the
     lanes, which stop at their next safe point. A lane that dies without a result counts
     as failed.
@@ -115,26 +109,68 @@ def run_lanes(
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
+    queue_read, queue_write = os.pipe()
+    os.set_blocking(queue_write, False)
+    feed = _Feed(queue_write, sizes)
     children: dict[int, tuple[int, int]] = {}  # read end of its pipe -> (lane, pid)
     try:
-        for lane, sizes in enumerate(lanes):
+        for lane in range(lanes):
             read_fd, write_fd = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(read_fd)
-                _child(sizes, work, write_fd, parent)
+                os.close(queue_write)
+                _child(work, queue_read, write_fd, parent)
             os.close(write_fd)
             children[read_fd] = (lane, pid)
+        os.close(queue_read)
     except BaseException:
+        feed.close()
         for _, pid in children.values():
             _signal(pid, signal.SIGTERM)
-        _collect(children, stop, on_event, on_result)
+        _collect(children, stop, feed, on_event, on_result)
         raise
-    _collect(children, stop, on_event, on_result)
+    _collect(children, stop, feed, on_event, on_result)
+
+
+class _Feed:
+    """The parent's end of the queue: writes size classes as the pipe takes them."""
+
+    def __init__(self, fd: int, sizes: Sequence[int]) -> None:
+        self.fd = fd
+        self._sizes = sizes
+        self._next = 0
+        if not sizes:
+            self.close()
+
+    @property
+    def open(self) -> bool:
+        return self.fd >= 0
+
+    def fill(self) -> None:
+        """Write what the pipe takes now; close it after the last size class."""
+        while self.open:
+            batch = self._sizes[self._next : self._next + _RECORDS_PER_WRITE]
+            data = b"".join(_RECORD.pack(size) for size in batch)
+            try:
+                os.write(self.fd, data)  # at most PIPE_BUF: all of it, or EAGAIN
+            except BlockingIOError:
+                return
+            self._next += len(batch)
+            if self._next >= len(self._sizes):
+                self.close()
+
+    def close(self) -> None:
+        if self.open:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _child(
-    sizes: list[int], work: Callable[[list[int], Channel], LaneResult], write_fd: int, parent: int
+    work: Callable[[Callable[[], int | None], Channel], LaneResult],
+    queue_fd: int,
+    write_fd: int,
+    parent: int,
 ) -> None:
     """The body of a lane process; never returns."""
     code = EXIT_FATAL
@@ -143,8 +179,13 @@ def _child(
         if os.getppid() != parent:  # the parent died before the line above
             os._exit(code)
         channel = Channel(write_fd)
+
+        def next_size() -> int | None:
+            record = os.read(queue_fd, _RECORD.size)
+            return _RECORD.unpack(record)[0] if record else None
+
         try:
-            result = work(sizes, channel)
+            result = work(next_size, channel)
         except BaseException as exc:
             result = LaneResult(fatal=_as_fatal(exc))
         channel.send(("result", result))
@@ -174,34 +215,43 @@ def _signal(pid: int, signum: int) -> None:
 def _collect(
     children: dict[int, tuple[int, int]],
     stop: StopRequest,
+    feed: _Feed,
     on_event: Callable[[int, Event], None],
     on_result: Callable[[int, LaneResult], None],
 ) -> None:
-    """Hand on every lane's events and result, passing on stop signals; reap them all."""
+    """Feed the queue, hand on every lane's events and result, pass on stop signals;
+    reap every lane."""
     buffers = {fd: bytearray() for fd in children}
     forwarded = 0
-    while buffers:
-        if stop.signum and stop.signum != forwarded:
-            forwarded = stop.signum
-            for _, pid in children.values():
-                _signal(pid, forwarded)
-        try:
-            ready, _, _ = select.select(list(buffers), [], [], 0.2)
-        except InterruptedError:
-            continue
-        for fd in ready:
-            lane, pid = children[fd]
-            chunk = os.read(fd, 1 << 16)
-            buffer = buffers[fd]
-            if chunk:
-                buffer += chunk
-                _dispatch(lane, buffer, on_event, on_result)
+    try:
+        while buffers:
+            if stop.signum and stop.signum != forwarded:
+                forwarded = stop.signum
+                feed.close()  # nothing more to start
+                for _, pid in children.values():
+                    _signal(pid, forwarded)
+            writable = [feed.fd] if feed.open else []
+            try:
+                ready, can_write, _ = select.select(list(buffers), writable, [], 0.2)
+            except InterruptedError:
                 continue
-            del buffers[fd]
-            os.close(fd)
-            status = _reap(pid)
-            if status is not None:
-                on_result(lane, LaneResult(fatal=(EXIT_FATAL, f"unify lane {pid} {status}")))
+            if can_write:
+                feed.fill()
+            for fd in ready:
+                lane, pid = children[fd]
+                chunk = os.read(fd, 1 << 16)
+                buffer = buffers[fd]
+                if chunk:
+                    buffer += chunk
+                    _dispatch(lane, buffer, on_event, on_result)
+                    continue
+                del buffers[fd]
+                os.close(fd)
+                status = _reap(pid)
+                if status is not None:
+                    on_result(lane, LaneResult(fatal=(EXIT_FATAL, f"unify lane {pid} {status}")))
+    finally:
+        feed.close()
 
 
 def _dispatch(

@@ -30,6 +30,7 @@ import stat
 import time
 from array import array
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +53,7 @@ from ._errors import (
 from ._excludes import Rules
 from ._hashing import HEAD_SIZE, WHOLE_SIZE, full_digest, head_and_full, head_digest
 from ._home import Home
-from ._lanes import Channel, Event, LaneResult, can_fork, deal, default_lanes, run_lanes
+from ._lanes import Channel, Event, LaneResult, can_fork, default_lanes, run_lanes
 from ._linker import Candidate, Counters, Linker, Reporter, TreeFiles
 from ._signals import StopRequest
 from ._store import LinkKey, TempNames, read_xattrs
@@ -62,9 +63,6 @@ from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
 _RACY_NS = 2_000_000_000
-#: A file's cost, in bytes read, for dealing size classes to lanes: ~150 us of opening,
-#: comparing and linking is about what reading 256 KiB from the page cache takes.
-_FILE_COST = 256 * 1024
 #: Candidates of a size class are kept as tree index << _TREE_SHIFT | file index.
 _TREE_SHIFT = 40
 _FILE_MASK = (1 << _TREE_SHIFT) - 1
@@ -83,7 +81,7 @@ class UnifyOptions:
     allow_mutable: bool = False
     wait: bool = False
     metrics_file: str | None = None
-    jobs: int = 0  # processes that link in parallel; 0: one per CPU (see _lanes)
+    jobs: int = 0  # processes that link in parallel; 0: CPUs + 1 (see _lanes)
 
 
 @dataclass
@@ -524,14 +522,14 @@ class _Engine:
                     bucket.append(tree_index << _TREE_SHIFT | i)
         del wanted
         lanes = min(self.options.jobs or default_lanes(), len(buckets))
+        by_size = sorted(buckets, reverse=True)
         if self.linker is None or lanes < 2 or not can_fork():
-            self._link_sizes(sorted(buckets, reverse=True), buckets)
+            self._link_sizes(functools.partial(next, iter(by_size), None), buckets)
             return
-        # Weighed by bytes to read plus a per-file cost: both take time.
-        weights = {size: len(codes) * (size + _FILE_COST) for size, codes in buckets.items()}
         self.batch.flush()  # a forked lane must not inherit rows it would write again
         run_lanes(
-            deal(weights, lanes),
+            lanes,
+            by_size,
             functools.partial(self._lane, buckets),
             self.stop,
             self._lane_event,
@@ -543,9 +541,12 @@ class _Engine:
         self.checkpoint()  # a lane stopped by a signal stops the run
 
     def _lane(
-        self, buckets: dict[int, array[int]], sizes: list[int], channel: Channel
+        self,
+        buckets: dict[int, array[int]],
+        next_size: Callable[[], int | None],
+        channel: Channel,
     ) -> LaneResult:
-        """Link these size classes as a forked lane (see _lanes); runs in the child."""
+        """Link the size classes the queue hands out, as a forked lane (see _lanes)."""
         assert self.linker is not None
         assert self.temp_names is not None
         self._channel = channel
@@ -571,7 +572,7 @@ class _Engine:
             )
             stopped = 0
             try:
-                self._link_sizes(sizes, buckets)
+                self._link_sizes(next_size, buckets)
             except _Stop:
                 stopped = self.stop_signal
             finally:
@@ -617,9 +618,15 @@ class _Engine:
             # The other lanes stop at their next safe point.
             self.stop.signum = self.stop.signum or signal.SIGTERM
 
-    def _link_sizes(self, sizes: list[int], buckets: dict[int, array[int]]) -> None:
-        for size in sizes:
+    def _link_sizes(
+        self, next_size: Callable[[], int | None], buckets: dict[int, array[int]]
+    ) -> None:
+        """Link size class after size class, as long as `next_size` hands them out."""
+        while True:
             self.checkpoint()
+            size = next_size()
+            if size is None:
+                return
             for full, members in self._content_groups(size, self._candidates(buckets.pop(size))):
                 for group in self._key_groups(members):
                     if self.linker is not None:
