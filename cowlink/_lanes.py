@@ -13,6 +13,7 @@ as with one process, and the next run recovers as from any interrupted run.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -108,6 +109,23 @@ def run_lanes(
     """
     sys.stdout.flush()
     sys.stderr.flush()
+    # The collector writes to the header of every object it examines: in a lane, that
+    # would copy every page of the walk's tables. Frozen objects are never examined.
+    gc.freeze()
+    try:
+        _run_lanes(lanes, sizes, work, stop, on_event, on_result)
+    finally:
+        gc.unfreeze()
+
+
+def _run_lanes(
+    lanes: int,
+    sizes: Sequence[int],
+    work: Callable[[Callable[[], int | None], Channel], LaneResult],
+    stop: StopRequest,
+    on_event: Callable[[int, Event], None],
+    on_result: Callable[[int, LaneResult], None],
+) -> None:
     parent = os.getpid()
     queue_read, queue_write = os.pipe()
     os.set_blocking(queue_write, False)
