@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -21,6 +22,9 @@ from cowlink._catalogue import Catalogue
 from ._inodes import Share
 
 log = logging.getLogger(__name__)
+
+#: How often, at most, the catalogue is asked whether another process changed it.
+REFRESH_S = 0.1
 
 
 class SharedIndex:
@@ -42,6 +46,7 @@ class SharedIndex:
         #: Bumped whenever another process's changes were read in.
         self.generation = 0
         self._version = catalogue.data_version()
+        self._next_refresh = 0.0
         self._load_names()
 
     def _load_names(self) -> None:
@@ -51,7 +56,15 @@ class SharedIndex:
             self._members[group].add(path)
 
     def refresh(self) -> None:
-        """Catch up with what other processes committed since: new objects, new groups."""
+        """Catch up with what other processes committed since: new objects, new groups.
+
+        Asked before most requests, so SQLite is asked at most every REFRESH_S: a unify
+        run's commit is seen that much later at most.
+        """
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_S
         version = self.catalogue.data_version()
         if version == self._version:
             return
