@@ -253,6 +253,25 @@ def move_names(
     return PrivateCopy(os.fstat(copy_fd), replaced, skipped)
 
 
+def remove_temp_name(dir_fd: int, name: str, ino: int) -> bool:
+    """Remove a temporary name an interrupted run left, if it still names inode `ino`.
+
+    Such a name never holds the only copy of anything: it is a link to a store object,
+    or a private copy whose original names still stand. Its inode may be immutable (an
+    object, or one taken out of the store): the flag is cleared only for the unlink.
+    Returns False when the name leads to another inode now (left alone).
+    """
+    fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
+    try:
+        if os.fstat(fd).st_ino != ino:
+            return False
+        with _thawed_if_flagged(fd):
+            os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 def _leads_to(ref: NameRef, st: os.stat_result) -> bool:
     try:
         now = os.lstat(ref.name, dir_fd=ref.dir_fd)

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from . import _linux
 from ._catalogue import Batch, ObjectRow
+from ._copy import remove_temp_name
 from ._errors import Problem
 from ._hashing import full_digest, same_content
 from ._store import LinkKey, TempNames, object_name, read_key, thawed
@@ -484,20 +485,12 @@ class Linker:
         return True
 
     def remove_leftover(self, tree_index: int, dir_index: int, name: str, ino: int) -> None:
-        """Remove a temporary name an interrupted run left: a link to an object, never data."""
+        """Remove a temporary name an interrupted run left (see _copy.remove_temp_name)."""
         tree = self.trees[tree_index]
-        row = self.index.by_inode.get((tree.dev, ino))
         path = tree.root + tree.path_of(dir_index, name)
-        if row is None:
-            return
         try:
             dir_fd = self.openers[tree_index].open(dir_index)
-            obj = self._open_object(row, key=None)
-            try:
-                with thawed(obj.fd, lease=False) if self.flags_ok else nullcontext():
-                    os.unlink(name, dir_fd=dir_fd)
-            finally:
-                obj.close()
-            self.reporter.action(path, "remove", "leftover temporary name")
-        except (OSError, Changed) as exc:
+            if remove_temp_name(dir_fd, name, ino):
+                self.reporter.action(path, "remove", "leftover temporary name")
+        except (OSError, DirChanged) as exc:
             self.problem(path, f"cannot remove leftover temporary name: {exc}")

@@ -35,6 +35,7 @@ from ._copy import (
     copy_to_temp,
     ensure_space,
     move_names,
+    remove_temp_name,
     space_needed,
 )
 from ._errors import (
@@ -51,7 +52,7 @@ from ._hashing import same_content
 from ._home import Home
 from ._linker import Reporter
 from ._signals import StopRequest
-from ._store import InUseForWriting, TempNames, read_xattrs, thawed
+from ._store import InUseForWriting, TempNames, read_xattrs
 from ._storeindex import StoreIndex
 from ._walk import DirChanged, DirOpener, FdCache, Observer, Tree, walk
 
@@ -312,19 +313,8 @@ class _Split:
         for dir_index, name, ino in tree.leftovers:
             path = self.root + tree.path_of(dir_index, name)
             try:
-                dir_fd = opener.open(dir_index)
-                fd = os.open(name, OPEN_FLAGS, dir_fd=dir_fd)
-                try:
-                    if os.fstat(fd).st_ino != ino:
-                        continue
-                    if self.index.is_object(tree.dev, ino):
-                        with thawed(fd):
-                            os.unlink(name, dir_fd=dir_fd)
-                    else:
-                        os.unlink(name, dir_fd=dir_fd)  # a copy an interrupted split left
-                finally:
-                    os.close(fd)
-                self.reporter.action(path, "remove", "leftover temporary name")
+                if remove_temp_name(opener.open(dir_index), name, ino):
+                    self.reporter.action(path, "remove", "leftover temporary name")
             except (OSError, DirChanged) as exc:
                 self._fatal_if_filesystem(exc)
                 self.problem(path, f"cannot remove leftover temporary name: {exc}")

@@ -231,11 +231,13 @@ def walk(
         tree.regular_files += 1
         if tree.regular_files % 1024 == 0:
             observer.progress()
+        if is_temp_name(os.fsencode(name)):
+            # cowlink's own (its MAC says so): a link to an object, or a copy an
+            # interrupted run left; removed, never linked as a guest file.
+            tree.leftovers.append((index, name, st.st_ino))
+            continue
         if is_object(st.st_dev, st.st_ino):
-            if is_temp_name(os.fsencode(name)):
-                tree.leftovers.append((index, name, st.st_ino))
-            else:
-                tree.linked.append(index, name, st)
+            tree.linked.append(index, name, st)
             continue
         if st.st_size < min_size:
             continue

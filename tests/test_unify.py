@@ -613,3 +613,24 @@ def test_filesystem_without_flags_warns_and_links_nothing(tmp_path: Path) -> Non
         assert same_inode(a / "usr/lib/x", b / "usr/lib/x")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_leftover_private_copy_is_removed_not_linked(home: Path) -> None:
+    """A copy an interrupted split or mount left under cowlink's temporary name is no
+    store object; the next run removes it instead of taking it for a guest file."""
+    from cowlink._home import Home
+    from cowlink._store import TempNames
+
+    a, b = make_guests(home, BIN)
+    assert cowlink(home, "unify").exit_code == 0
+    before = manifest(a)
+    leftover = a / "usr/bin" / os.fsdecode(TempNames(Home(home).secret()).make())
+    write(leftover, BIN["usr/bin/tool"])  # a finished private copy, never renamed over
+
+    result = cowlink(home, "unify", "--json", "-v")
+
+    assert result.exit_code == 0, result.stderr
+    assert not leftover.exists()
+    assert result.json["files_linked"] == 0
+    assert_same_manifest(before, a)
+    assert same_inode(a / "usr/bin/tool", b / "usr/bin/tool")
