@@ -113,42 +113,31 @@ def run_lanes(
     # would copy every page of the walk's tables. Frozen objects are never examined.
     gc.freeze()
     try:
-        _run_lanes(lanes, sizes, work, stop, on_event, on_result)
+        parent = os.getpid()
+        queue_read, queue_write = os.pipe()
+        os.set_blocking(queue_write, False)
+        feed = _Feed(queue_write, sizes)
+        children: dict[int, tuple[int, int]] = {}  # read end of its pipe -> (lane, pid)
+        try:
+            for lane in range(lanes):
+                read_fd, write_fd = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(read_fd)
+                    os.close(queue_write)
+                    _child(work, queue_read, write_fd, parent)
+                os.close(write_fd)
+                children[read_fd] = (lane, pid)
+            os.close(queue_read)
+        except BaseException:
+            feed.close()
+            for _, pid in children.values():
+                _signal(pid, signal.SIGTERM)
+            _collect(children, stop, feed, on_event, on_result)
+            raise
+        _collect(children, stop, feed, on_event, on_result)
     finally:
         gc.unfreeze()
-
-
-def _run_lanes(
-    lanes: int,
-    sizes: Sequence[int],
-    work: Callable[[Callable[[], int | None], Channel], LaneResult],
-    stop: StopRequest,
-    on_event: Callable[[int, Event], None],
-    on_result: Callable[[int, LaneResult], None],
-) -> None:
-    parent = os.getpid()
-    queue_read, queue_write = os.pipe()
-    os.set_blocking(queue_write, False)
-    feed = _Feed(queue_write, sizes)
-    children: dict[int, tuple[int, int]] = {}  # read end of its pipe -> (lane, pid)
-    try:
-        for lane in range(lanes):
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                os.close(queue_write)
-                _child(work, queue_read, write_fd, parent)
-            os.close(write_fd)
-            children[read_fd] = (lane, pid)
-        os.close(queue_read)
-    except BaseException:
-        feed.close()
-        for _, pid in children.values():
-            _signal(pid, signal.SIGTERM)
-        _collect(children, stop, feed, on_event, on_result)
-        raise
-    _collect(children, stop, feed, on_event, on_result)
 
 
 class _Feed:

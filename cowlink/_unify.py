@@ -425,18 +425,7 @@ class _Engine:
             self.report.files_scanned = sum(t.regular_files for t in self.trees)
             self.report.already_linked = sum(len(t.linked) for t in self.trees)
             if not self.dry_run:
-                assert self.temp_names is not None
-                self.linker = Linker(
-                    store=self.home.store_dir,
-                    files=self.files,
-                    index=self.index,
-                    batch=self.batch,
-                    temp_names=self.temp_names,
-                    flags_ok=self.flags_ok,
-                    link_max=link_max,
-                    counters=self.counters,
-                    checkpoint=self.checkpoint,
-                )
+                self.linker = self._new_linker(link_max)
                 stack.callback(self.linker.close)
                 stack.callback(self.batch.flush)
                 for tree_index, tree in enumerate(self.trees):
@@ -448,6 +437,20 @@ class _Engine:
             if not self.dry_run:
                 self.batch.flush()
                 self.catalogue.set_meta("dirty", None)
+
+    def _new_linker(self, link_max: int) -> Linker:
+        assert self.temp_names is not None
+        return Linker(
+            store=self.home.store_dir,
+            files=self.files,
+            index=self.index,
+            batch=self.batch,
+            temp_names=self.temp_names,
+            flags_ok=self.flags_ok,
+            link_max=link_max,
+            counters=self.counters,
+            checkpoint=self.checkpoint,
+        )
 
     def _finish_counters(self) -> None:
         self.report.files_linked = self.counters.files_linked
@@ -548,7 +551,6 @@ class _Engine:
     ) -> LaneResult:
         """Link the size classes the queue hands out, as a forked lane (see _lanes)."""
         assert self.linker is not None
-        assert self.temp_names is not None
         self._channel = channel
         with storage_faults(str(self.home.path)):
             # SQLite connections must not cross fork(): the lane gets its own.
@@ -559,17 +561,7 @@ class _Engine:
             self._bytes_hashed = 0
             self.reporter = _LaneReporter(channel)
             self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
-            self.linker = Linker(
-                store=self.home.store_dir,
-                files=self.files,
-                index=self.index,
-                batch=self.batch,
-                temp_names=self.temp_names,
-                flags_ok=self.flags_ok,
-                link_max=self.linker.link_max,
-                counters=self.counters,
-                checkpoint=self.checkpoint,
-            )
+            self.linker = self._new_linker(self.linker.link_max)
             stopped = 0
             try:
                 self._link_sizes(next_size, buckets)
