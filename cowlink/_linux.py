@@ -318,8 +318,9 @@ _libc.prctl.argtypes = [
 _libc.syscall.restype = ctypes.c_long
 
 
-def _table() -> _SyscallTable:
-    machine = os.uname().machine
+def _table(machine: str | None = None) -> _SyscallTable:
+    """The syscall numbers of `machine` (uname's name; default: this one)."""
+    machine = machine or os.uname().machine
     try:
         return _SYSCALLS[machine]
     except KeyError:
@@ -470,16 +471,20 @@ class _SockFprog(ctypes.Structure):
 
 
 def seccomp_program(
-    denied: tuple[str, ...] = SECCOMP_DENIED, *, deny_userns: bool = True
+    denied: tuple[str, ...] = SECCOMP_DENIED,
+    *,
+    deny_userns: bool = True,
+    machine: str | None = None,
 ) -> list[tuple[int, int, int, int]]:
-    """The deny-list filter as (code, jt, jf, k) instructions, for this machine's architecture.
+    """The deny-list filter as (code, jt, jf, k) instructions, for `machine`'s architecture
+    (uname's name; default: this machine's).
 
     Other ABIs (i386 via int 0x80, x32) are refused outright: their numbers differ and a
     deny list written for one ABI would not cover them. A new user namespace would hand the
     guest a full capability set again, so unshare/clone with CLONE_NEWUSER are denied and
     clone3, whose flags seccomp cannot read, reports ENOSYS so that libc falls back to clone.
     """
-    table = _table()
+    table = _table(machine)
     nrs = table.numbers
     deny = SECCOMP_RET_ERRNO | errno.EPERM
     enosys = SECCOMP_RET_ERRNO | errno.ENOSYS
