@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,3 +69,32 @@ def store_objects(home: Path) -> list[Path]:
 def same_inode(a: Path, b: Path) -> bool:
     sa, sb = os.lstat(a), os.lstat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def generated(
+    home: Path,
+    seed: int,
+    *,
+    files: int = 300,
+    big: int = 50_000,
+    guests: tuple[str, ...] = ("a", "b"),
+) -> list[Path]:
+    """Guests of mostly shared files, one guest hardlink each, one file of their own each."""
+    rng = random.Random(seed)
+    shared = {
+        f"usr/lib/d{i % 7}/f{i}": rng.randbytes(rng.choice([100, 3000, big])) for i in range(files)
+    }
+    roots = []
+    for guest in guests:
+        root = home / "guests" / guest / "root"
+        for rel, data in shared.items():
+            write(root / rel, data)
+        write(root / "usr/own", guest.encode() * 999)
+        os.link(root / "usr/lib/d1/f1", root / "usr/lib/d1/f1-hardlink")
+        roots.append(root)
+    return roots
+
+
+def temp_names(root: Path) -> list[str]:
+    """cowlink's temporary names left under `root`."""
+    return [os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs if ".cowlink-" in n]

@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 
-from tests._guests import MTIME_NS, cowlink, same_inode, store_objects, write
+from tests._guests import (
+    MTIME_NS,
+    cowlink,
+    generated,
+    same_inode,
+    store_objects,
+    temp_names,
+    write,
+)
 from tests._util import assert_same_manifest, loop_ext4, manifest, need_immutable, need_loop
 
 pytestmark = pytest.mark.privileged
@@ -28,27 +36,6 @@ pytestmark = pytest.mark.privileged
 @pytest.fixture(autouse=True)
 def _privileged() -> None:
     need_immutable()
-
-
-def generated(home: Path, seed: int, *, files: int = 300, big: int = 50_000) -> list[Path]:
-    """Two guests of mostly shared files, some guest hardlinks, some files of their own."""
-    rng = random.Random(seed)
-    shared = {
-        f"usr/lib/d{i % 7}/f{i}": rng.randbytes(rng.choice([100, 3000, big])) for i in range(files)
-    }
-    roots = []
-    for guest in ("a", "b"):
-        root = home / "guests" / guest / "root"
-        for rel, data in shared.items():
-            write(root / rel, data)
-        write(root / "usr/own", guest.encode() * 999)
-        os.link(root / "usr/lib/d1/f1", root / "usr/lib/d1/f1-hardlink")
-        roots.append(root)
-    return roots
-
-
-def temp_names(root: Path) -> list[str]:
-    return [os.path.join(d, n) for d, ds, fs in os.walk(root) for n in ds + fs if ".cowlink-" in n]
 
 
 def linked_to_store(home: Path, path: Path) -> bool:

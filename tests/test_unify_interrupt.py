@@ -12,25 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests._guests import MTIME_NS, write
+from tests._guests import MTIME_NS, generated, temp_names
 from tests._util import assert_same_manifest, manifest, need_immutable
 
 pytestmark = pytest.mark.privileged
-
-
-def _corpus(home: Path, seed: int) -> list[Path]:
-    """Three guests of a few hundred files, mostly shared, some hardlinked, some unique."""
-    rng = random.Random(seed)
-    shared = {f"usr/lib/f{i}": rng.randbytes(rng.choice([100, 3000, 50_000])) for i in range(300)}
-    roots = []
-    for guest in ("a", "b", "c"):
-        root = home / "guests" / guest / "root"
-        for rel, data in shared.items():
-            write(root / rel, data)
-        write(root / "usr/own", guest.encode() * 999)
-        os.link(root / "usr/lib/f1", root / "usr/lib/f1-hardlink")
-        roots.append(root)
-    return roots
 
 
 def _unify(home: Path) -> subprocess.Popen[bytes]:
@@ -41,14 +26,10 @@ def _unify(home: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _leftover_temp_names(root: Path) -> list[str]:
-    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names if ".cowlink-" in n]
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_kill_9_at_a_random_moment_then_rerun(home: Path, seed: int) -> None:
     need_immutable()
-    roots = _corpus(home, seed)
+    roots = generated(home, seed, guests=("a", "b", "c"))
     before = {r: manifest(r) for r in roots}
     proc = _unify(home)
     time.sleep(random.Random(seed).uniform(0.3, 0.75))
@@ -66,8 +47,10 @@ def test_kill_9_at_a_random_moment_then_rerun(home: Path, seed: int) -> None:
     assert rerun.returncode == 0, rerun.stderr
     for root in roots:
         assert_same_manifest(before[root], root)
-        assert _leftover_temp_names(root) == []
-        assert os.lstat(root / "usr/lib/f7").st_ino == os.lstat(roots[0] / "usr/lib/f7").st_ino
+        assert temp_names(root) == []
+        assert (
+            os.lstat(root / "usr/lib/d0/f7").st_ino == os.lstat(roots[0] / "usr/lib/d0/f7").st_ino
+        )
     for obj in (home / "store").glob("??/*"):
         assert os.lstat(obj).st_nlink > 1
 
@@ -75,7 +58,7 @@ def test_kill_9_at_a_random_moment_then_rerun(home: Path, seed: int) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_stop_at_a_safe_point(home: Path, signum: int) -> None:
     need_immutable()
-    roots = _corpus(home, 99)
+    roots = generated(home, 99, guests=("a", "b", "c"))
     before = {r: manifest(r) for r in roots}
     proc = _unify(home)
     lock = home / "lock"
@@ -92,5 +75,5 @@ def test_sigint_and_sigterm_stop_at_a_safe_point(home: Path, signum: int) -> Non
         assert b"interrupted" in err
     for root in roots:
         assert_same_manifest(before[root], root)
-        assert _leftover_temp_names(root) == []
+        assert temp_names(root) == []
     assert os.lstat(roots[0] / "usr/own").st_mtime_ns == MTIME_NS
