@@ -198,18 +198,20 @@ class CowlinkOperations(pyfuse3.Operations):
     def _known(self, parent: Node, name: bytes, st: os.stat_result) -> Node | None:
         """The node the entry led to before, if it still leads to the same inode.
 
-        Its share stands too: every change of a name or a link group goes through this
-        daemon and updates the entry.
+        Its share stands, as every change of a name or a link group goes through this
+        daemon, except what a unify run over the mounted guest did meanwhile: that is
+        caught up with here (see _recheck), keeping the node and its inode number.
         """
         node = self.table.entry(parent.ino, name)
-        if (
-            node is None
-            or node.bino != st.st_ino
-            or node.dev != st.st_dev
-            # An inode a unify run made a store object meanwhile needs a node of its own.
-            or (node.share is None and self._is_object(st))
-        ):
+        if node is None or node.bino != st.st_ino or node.dev != st.st_dev:
             return None
+        self._recheck(node)
+        if node.share is None and self._is_object(st):
+            # An object the catalogue's version did not announce yet (checked at most
+            # every REFRESH_S): shared from now on all the same.
+            self._reshare(node, parent, name, st)
+            if node.share is None:
+                return None
         if (parent.ino, name) not in node.names:
             self.table.name(node, parent.ino, name)
         return node
@@ -221,9 +223,6 @@ class CowlinkOperations(pyfuse3.Operations):
 
         `parent_path` is the parent's guest path when the caller knows it already.
         """
-        known = self.table.entry(parent.ino, name)
-        if known is not None and (known.dev, known.bino) == (st.st_dev, st.st_ino):
-            self._recheck(known)
         node = self._known(parent, name, st)
         if node is not None:
             return node
@@ -279,12 +278,15 @@ class CowlinkOperations(pyfuse3.Operations):
             found = (parent, name, st)
         if found is None or len(backing) != 1 or not stat.S_ISREG(found[2].st_mode):
             return  # the kernel revalidates names that no longer lead here
-        parent, name, st = found
+        self._reshare(node, *found)
+
+    def _reshare(self, node: Node, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """Point the node at what `name` leads to now, with its share, unless another node
+        has that already. Same content and metadata (unify links only after comparing):
+        the guest keeps its inode number; open handles keep reading the old inode."""
         share = self._share(st, parent, name)
         key = (st.st_dev, st.st_ino, share)
         if key != node.key and self.table.find(key) is None:
-            # Same content and metadata (unify linked it only after comparing): the
-            # guest keeps its inode number; open handles keep reading the old inode.
             self.table.rekey(node, st.st_dev, st.st_ino, share)
 
     def _where(self, node: Node) -> _cow.Where:
@@ -413,12 +415,8 @@ class CowlinkOperations(pyfuse3.Operations):
 
     def _shared_at(self, parent: Node, name: bytes) -> tuple[os.stat_result, Share | None]:
         st = self._stat_at(parent, name)
-        node = self.table.entry(parent.ino, name)
-        if node is not None and (node.dev, node.bino) == (st.st_dev, st.st_ino):
-            self._recheck(node)
-            if (node.dev, node.bino) == (st.st_dev, st.st_ino):
-                return st, node.share
-        return st, self._share(st, parent, name)
+        node = self._known(parent, name, st)
+        return st, node.share if node is not None else self._share(st, parent, name)
 
     # -- lookups and attributes -------------------------------------------------------
 
