@@ -101,10 +101,7 @@ class Catalogue:
     @classmethod
     def another(cls, path: Path) -> Catalogue:
         """One more connection to a catalogue this run has opened (and checked) already."""
-        db = sqlite3.connect(path, isolation_level=None)
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=30000")
-        return cls(db, path, None)
+        return cls(_connect(path, checked=True), path, None)
 
     def close(self) -> None:
         self._db.close()
@@ -424,13 +421,17 @@ class Batch:
             pending.clear()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, *, checked: bool = False) -> sqlite3.Connection:
+    """A connection; unless the catalogue is `checked` already, checked and brought to
+    the current schema."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=30000")
+        if checked:
+            return db
+        db.execute("PRAGMA journal_mode=WAL")
         status = db.execute("PRAGMA quick_check").fetchone()
         if status is None or status[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {status}")
