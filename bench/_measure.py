@@ -1,10 +1,11 @@
-"""Run one command as a child and measure it: wall time, peak RSS, and the disk a tree set uses."""
+"""Run one command as a child and measure it: wall time, peak memory, the disk trees use."""
 
 from __future__ import annotations
 
 import os
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,12 @@ class Measurement:
     Attributes:
         argv: the command that ran.
         wall_s: elapsed wall-clock seconds, from spawn to reaped.
-        peak_rss: the command's peak resident set in bytes (ru_maxrss; see `run`).
+        peak_rss: the peak resident set in bytes of the command's largest process
+            (ru_maxrss; see `run`).
         rss_exact: False when peak_rss is only an upper bound (no GNU time).
+        peak_pss: the peak of the Pss summed over the command and all its descendants, in
+            bytes: what a command that forks workers sharing pages costs in all (see
+            `TreeMemory`).
         returncode: the exit code, or -N for signal N.
         stdout: the file holding what it printed.
     """
@@ -28,6 +33,7 @@ class Measurement:
     wall_s: float
     peak_rss: int
     rss_exact: bool
+    peak_pss: int
     returncode: int
     stdout: Path
     stderr: Path
@@ -41,6 +47,68 @@ def drop_caches() -> None:
 
 
 GNU_TIME = "/usr/bin/time"
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of `pid`, not `pid` itself, from /proc's children lists."""
+    found = [pid]
+    for parent in found:
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue
+    return found[1:]
+
+
+def pss_and_rss(pid: int) -> tuple[int, int]:
+    """(Pss, Rss) of one process in bytes, from smaps_rollup; zeros once it is gone."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return pss, rss
+
+
+class TreeMemory:
+    """Samples a process tree's memory in a thread until stopped, keeping the peaks.
+
+    Pss counts a page shared by several processes once, split among them, so its sum
+    over a tree is what the tree costs in all; the summed Rss counts shared pages in every
+    process. GNU time's `%M` only gives the largest single process.
+    """
+
+    def __init__(self, pid: int, *, with_root: bool = True, every: float = 0.1) -> None:
+        self.peak_pss = self.peak_rss = self.most = 0
+        self._pid = pid
+        self._with_root = with_root
+        self._every = every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            pids = descendants(self._pid) + ([self._pid] if self._with_root else [])
+            sums = [pss_and_rss(pid) for pid in pids]
+            self.peak_pss = max(self.peak_pss, sum(p for p, _ in sums))
+            self.peak_rss = max(self.peak_rss, sum(r for _, r in sums))
+            self.most = max(self.most, len(pids))
+            if self._done.wait(self._every):
+                return
 
 
 def run(
@@ -60,6 +128,8 @@ def run(
     from this (large) Python process is this process's own. So when GNU time is there, it
     runs the command and reports the grandchild's ru_maxrss, with only its own ~2 MB
     before exec. Otherwise the wait4 figure is used, an upper bound (`rss_exact` False).
+    The summed Pss of the command's process tree (GNU time itself left out) is sampled
+    every 0.1 s meanwhile.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path = log_dir / f"{name}.out"
@@ -72,9 +142,10 @@ def run(
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd)
-        # wait4 rather than Popen.wait: it is the only way to get this child's own rusage.
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
+        with TreeMemory(proc.pid, with_root=not exact) as tree:
+            # wait4 rather than Popen.wait: the only way to get this child's own rusage.
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kb = usage.ru_maxrss  # Linux reports kilobytes
     if exact:
@@ -85,6 +156,7 @@ def run(
         wall_s=wall,
         peak_rss=peak_kb * 1024,
         rss_exact=exact,
+        peak_pss=tree.peak_pss,
         returncode=proc.returncode,
         stdout=out_path,
         stderr=err_path,

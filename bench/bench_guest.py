@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ._measure import descendants
+
 APPLETS = ("sh", "true", "sleep", "echo", "cat", "ls")
 
 
@@ -47,20 +49,6 @@ def _peak_kib(pid: int) -> int:
     return 0
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -79,7 +67,7 @@ def run_native(argv: list[str]) -> tuple[float, float, int]:
     line = proc.stdout.readline()
     started = time.perf_counter() - t0
     assert line == b"up\n", line
-    inside = _descendants(proc.pid)
+    inside = descendants(proc.pid)
     peak = sum(_peak_kib(p) for p in [proc.pid, *inside])
     t1 = time.perf_counter()
     # Both tools end their pid namespace when their own process dies (bwrap: its pid 1

@@ -2,8 +2,9 @@
 
 For each data set (the real guest corpus; the synthetic many-guest tree) every tool gets
 its own `cp -a` copy, then runs once (and again, for tools with a rerun) while we measure
-wall time and peak RSS. Bytes saved are our own count: allocated blocks of the distinct
-inodes under the roots (plus cowlink's store) before, minus after. Ratios are against
+wall time, peak RSS and the summed Pss of all its processes. Bytes saved are our own
+count: allocated blocks of the distinct inodes under the roots (plus cowlink's store)
+before, minus after. Ratios are against
 `hardlink -X`, which applies the same link policy as cowlink (mode, owner, mtime, xattrs).
 """
 
@@ -118,7 +119,7 @@ class Row:
     label: str
     phase: str  # "first" or "rerun"
     wall_s: float
-    peak_rss: int
+    peak_rss: int  # the largest single process
     returncode: int
     files: int  # regular-file names in the data set
     saved: int  # allocated bytes of file data and guest directories freed by this run
@@ -130,6 +131,13 @@ class Row:
     walls: list[float] = field(default_factory=list)  # every try's wall time, once summarized
     meta_names: int = 0  # file names whose mode, owner or mtime_ns changed since the copy
     meta_saved: int = 0  # bytes saved by the links that changed them
+    peak_pss: int = 0  # summed over the tool's processes (cowlink's lanes share pages)
+
+    @property
+    def memory(self) -> int:
+        """What the run cost in memory: the summed Pss, or the largest process if larger
+        (Pss leaves out pages shared with processes outside the tool)."""
+        return max(self.peak_rss, self.peak_pss)
 
 
 def summarize(rows: Sequence[Row]) -> list[Row]:
@@ -149,6 +157,7 @@ def summarize(rows: Sequence[Row]) -> list[Row]:
                 phase=first.phase,
                 wall_s=statistics.median(r.wall_s for r in tries),
                 peak_rss=max(r.peak_rss for r in tries),
+                peak_pss=max(r.peak_pss for r in tries),
                 returncode=max((r.returncode for r in tries), key=abs),
                 files=first.files,
                 saved=int(statistics.median(r.saved for r in tries)),
@@ -223,6 +232,7 @@ def bench_tool(dataset: Dataset, tool: Tool, workdir: Path, *, cold: bool, keep:
                 phase=phase,
                 wall_s=m.wall_s,
                 peak_rss=m.peak_rss,
+                peak_pss=m.peak_pss,
                 returncode=m.returncode,
                 files=before.file_names,
                 saved=previous - after,
@@ -286,7 +296,8 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     f"{r.saved / MIB:.1f}",
                     _ratio(r.saved, hl.saved if hl and r.phase == "first" else None),
                     f"{r.peak_rss / MIB:.1f}",
-                    f"{r.peak_rss / MIB / (files / 1e6):.0f}" if files else "-",
+                    f"{r.peak_pss / MIB:.1f}",
+                    f"{r.memory / 1e6 / (files / 1e6):.0f}" if files else "-",
                     f"{r.overhead / MIB:.1f}" if r.overhead else "-",
                     linked,
                     n_errors,
@@ -305,7 +316,8 @@ def render(rows: Sequence[Row], datasets: Sequence[str]) -> str:
                     "saved MiB",
                     "vs hardlink",
                     "peak RSS MiB",
-                    "RSS MiB/M files",
+                    "summed Pss MiB",
+                    "memory MB/M files",
                     "overhead MiB",
                     "linked",
                     "errors",
@@ -381,14 +393,14 @@ def targets(rows: Sequence[Row], ds: str) -> str:
         )
     runs = [r for r in (first, rerun) if r]
     if runs:
-        rss = max(r.peak_rss for r in runs)
+        rss = max(r.memory for r in runs)
         per_m = rss / (runs[0].files / 1e6)
         # A per-million rate means something at scale; on a small tree the interpreter's
         # fixed ~25 MB dominates it, so only a data set of RSS_SCALE files is judged.
         judged = runs[0].files >= RSS_SCALE
         table.append(
             [
-                "peak RSS",
+                "peak memory (largest RSS, or summed Pss if more)",
                 "<= 300 MB per million files",
                 f"{rss / 1e6:.0f} MB for {runs[0].files:,} files = {per_m / 1e6:.0f} MB/M",
                 verdict(per_m <= TARGET_RSS_PER_MFILE)

@@ -99,9 +99,16 @@ class Catalogue:
             return cls(_connect(path), path, aside)
 
     @classmethod
-    def another(cls, path: Path) -> Catalogue:
-        """One more connection to a catalogue this run has opened (and checked) already."""
-        return cls(_connect(path, checked=True), path, None)
+    def another(cls, path: Path, *, cache_kib: int | None = None) -> Catalogue:
+        """One more connection to a catalogue this run has opened (and checked) already.
+
+        `cache_kib` bounds its page cache (SQLite's default is about 2 MiB): a connection
+        that mostly writes gains little from a larger one.
+        """
+        db = _connect(path, checked=True)
+        if cache_kib is not None:
+            db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        return cls(db, path, None)
 
     def close(self) -> None:
         self._db.close()
@@ -216,9 +223,12 @@ class Catalogue:
         return found
 
     def put_object(self, row: ObjectRow) -> None:
-        self._db.execute(
+        self.put_objects([row])
+
+    def put_objects(self, rows: Iterable[ObjectRow]) -> None:
+        self._db.executemany(
             "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (row.name, row.dev, row.ino, row.size, row.head, row.full, row.key),
+            ((r.name, r.dev, r.ino, r.size, r.head, r.full, r.key) for r in rows),
         )
 
     def drop_object(self, name: str) -> None:
@@ -367,7 +377,9 @@ class Batch:
         self._names: list[tuple[str, bytes, int]] = []
         self._dropped: list[tuple[str, bytes]] = []
         self._objects: list[ObjectRow] = []
-        self._digests: list[tuple[int, int, int, int, int, bytes, bytes | None]] = []
+        #: Keyed by (dev, ino), so that forgetting an inode drops a digest still waiting.
+        self._digests: dict[tuple[int, int], tuple[int, int, int, int, int, bytes, bytes | None]]
+        self._digests = {}
         self._forget: list[tuple[int, int]] = []
         self._next_group = 0
         self._groups_left = 0
@@ -392,10 +404,15 @@ class Batch:
     def put_digests(
         self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]
     ) -> None:
-        self._digests.extend(rows)
+        for row in rows:
+            self._digests[(row[0], row[1])] = row
 
     def forget_digests(self, inodes: Iterable[tuple[int, int]]) -> None:
-        self._forget.extend(inodes)
+        # A first run hashes most files only to replace them moments later: their rows
+        # need not be written at all. An older row on record must still go.
+        for inode in inodes:
+            self._digests.pop(inode, None)
+            self._forget.append(inode)
 
     def __len__(self) -> int:
         return (
@@ -411,9 +428,8 @@ class Batch:
             return
         cat = self._catalogue
         with cat.transaction():
-            for row in self._objects:
-                cat.put_object(row)
-            cat.put_digests(self._digests)
+            cat.put_objects(self._objects)
+            cat.put_digests(self._digests.values())
             cat.forget_digests(self._forget)
             cat._db.executemany("INSERT OR REPLACE INTO names VALUES (?, ?, ?)", self._names)
             cat._db.executemany("DELETE FROM names WHERE root = ? AND path = ?", self._dropped)

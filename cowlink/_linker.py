@@ -42,6 +42,10 @@ _BATCH = 64
 class Reporter(Protocol):
     """Where the engine tells what it does; the CLI's Console is one."""
 
+    #: Actions of a higher level than this are not shown, so a caller in a hot loop
+    #: need not make them.
+    verbose: int
+
     def action(self, path: bytes | str, what: str, reason: str, level: int = 1) -> None: ...
     def problem(self, path: bytes | str, error: str) -> None: ...
     def warning(self, message: str) -> None: ...
@@ -334,7 +338,8 @@ class Linker:
         self.batch.put_object(row)
         self.index.add(row)
         self.counters.objects_created += 1
-        self.reporter.action(path, "adopt", f"new store object {name}")
+        if self.reporter.verbose:
+            self.reporter.action(path, "adopt", f"new store object {name}")
         return _Object(fd, row, os.fstat(fd).st_nlink)
 
     # -- linking ------------------------------------------------------------------------
@@ -457,7 +462,8 @@ class Linker:
             replaced += 1
             obj.nlink += 1
             ctime_ns = os.fstat(fd).st_ctime_ns
-            self.reporter.action(tree.root + rel, "link", f"same as {obj.row.name}")
+            if self.reporter.verbose:
+                self.reporter.action(tree.root + rel, "link", f"same as {obj.row.name}")
         self._drop_names(failed)
         self.counters.files_linked += replaced
         if replaced and replaced >= rec.nlink:

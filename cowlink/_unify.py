@@ -63,6 +63,14 @@ from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
 _RACY_NS = 2_000_000_000
+#: Catalogue rows a lane gathers before it commits them; rows wait in memory, and
+#: each lane's memory counts.
+_BATCH_ROWS = 5000
+#: The page cache of a lane's catalogue connection: lanes mostly write.
+_LANE_CACHE_KIB = 256
+#: Bounds on the directories kept open for reuse (see _raise_open_file_limit).
+_DIR_FDS_MIN = 64
+_DIR_FDS_MAX = 8192
 #: Candidates of a size class are kept as tree index << _TREE_SHIFT | file index.
 _TREE_SHIFT = 40
 _FILE_MASK = (1 << _TREE_SHIFT) - 1
@@ -235,11 +243,19 @@ def _run_unify(
     return report
 
 
-def _raise_open_file_limit() -> None:
-    """Each root stays open for the whole run: hundreds of guests outgrow cron's 1024."""
+def _raise_open_file_limit() -> int:
+    """Each root stays open for the whole run: hundreds of guests outgrow cron's 1024.
+
+    Returns how many directories may stay open for reuse: size classes visit files all
+    over the trees, and each directory reopened costs an open and an fstat per level.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft == resource.RLIM_INFINITY:
+        return _DIR_FDS_MAX
+    return max(_DIR_FDS_MIN, min(_DIR_FDS_MAX, soft // 4))
 
 
 def _resolve_roots(home: Home, options: UnifyOptions) -> list[_Root]:
@@ -293,8 +309,9 @@ def _check_same_filesystem(home: Home, roots: list[_Root]) -> None:
 class _LaneReporter:
     """A forked lane's reporter: everything goes to the parent, which reports it."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, verbose: int) -> None:
         self._channel = channel
+        self.verbose = verbose
 
     def action(self, path: bytes | str, what: str, reason: str, level: int = 1) -> None:
         self._channel.send(("action", path, what, reason, level))
@@ -314,7 +331,8 @@ class _WalkObserver(Observer):
         self._engine = engine
 
     def skipped(self, path: str, reason: str) -> None:
-        self._engine.reporter.action(path, "skip", reason, level=2)
+        if self._engine.reporter.verbose >= 2:
+            self._engine.reporter.action(path, "skip", reason, level=2)
 
     def problem(self, path: str, error: str) -> None:
         self._engine.problem(path, error)
@@ -401,8 +419,7 @@ class _Engine:
             self.index.load(recover=not self.dry_run, problem=self.problem)
             if not self.dry_run:
                 self.catalogue.set_meta("dirty", "1")
-            _raise_open_file_limit()
-            dir_fds = FdCache()
+            dir_fds = FdCache(_raise_open_file_limit())
             stack.callback(dir_fds.close)
             for root in roots:
                 fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -527,7 +544,8 @@ class _Engine:
         lanes = min(self.options.jobs or default_lanes(), len(buckets))
         by_size = sorted(buckets, reverse=True)
         if self.linker is None or lanes < 2 or not can_fork():
-            self._link_sizes(functools.partial(next, iter(by_size), None), buckets)
+            # One process: each class's list is freed once it is linked.
+            self._link_sizes(functools.partial(next, iter(by_size), None), buckets.pop)
             return
         self.batch.flush()  # a forked lane must not inherit rows it would write again
         run_lanes(
@@ -553,18 +571,21 @@ class _Engine:
         assert self.linker is not None
         self._channel = channel
         with storage_faults(str(self.home.path)):
-            # SQLite connections must not cross fork(): the lane gets its own.
-            self.catalogue = Catalogue.another(self.catalogue.path)
+            # SQLite connections must not cross fork(): the lane gets its own, with a
+            # small page cache, since every lane's private memory adds up.
+            self.catalogue = Catalogue.another(self.catalogue.path, cache_kib=_LANE_CACHE_KIB)
             self.batch = self.catalogue.batch()
             self.counters = Counters()
             self.report.files_hashed = 0
             self._bytes_hashed = 0
-            self.reporter = _LaneReporter(channel)
+            self.reporter = _LaneReporter(channel, self.reporter.verbose)
             self.files = TreeFiles(self.trees, self.openers, self.reporter, self.counters)
             self.linker = self._new_linker(self.linker.link_max)
             stopped = 0
             try:
-                self._link_sizes(next_size, buckets)
+                # A lane only reads the lists: freeing one would write to pages it shares
+                # with its parent, and copy them.
+                self._link_sizes(next_size, buckets.__getitem__)
             except _Stop:
                 stopped = self.stop_signal
             finally:
@@ -611,22 +632,23 @@ class _Engine:
             self.stop.signum = self.stop.signum or signal.SIGTERM
 
     def _link_sizes(
-        self, next_size: Callable[[], int | None], buckets: dict[int, array[int]]
+        self, next_size: Callable[[], int | None], size_class: Callable[[int], array[int]]
     ) -> None:
-        """Link size class after size class, as long as `next_size` hands them out."""
+        """Link size class after size class, as long as `next_size` hands them out;
+        `size_class(size)` gives a class's candidates as codes (see _TREE_SHIFT)."""
         while True:
             self.checkpoint()
             size = next_size()
             if size is None:
                 return
-            for full, members in self._content_groups(size, self._candidates(buckets.pop(size))):
+            for full, members in self._content_groups(size, self._candidates(size_class(size))):
                 for group in self._key_groups(members):
                     if self.linker is not None:
                         self.linker.link_group(size, full, group)
                     else:
                         self._plan_group(size, full, group)
                     self.checkpoint()
-            if len(self.batch) > 5000:
+            if len(self.batch) > _BATCH_ROWS:
                 self.batch.flush()
 
     def _candidates(self, codes: array[int]) -> list[Candidate]:

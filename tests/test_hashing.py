@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from cowlink._hashing import WHOLE_SIZE, full_digest, head_and_full, head_digest
+from cowlink._hashing import (
+    _CHUNK,
+    WHOLE_SIZE,
+    full_digest,
+    head_and_full,
+    head_digest,
+    same_content,
+)
 
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 65535, WHOLE_SIZE])
@@ -21,3 +28,30 @@ def test_head_and_full_match_the_separate_digests(tmp_path: Path, size: int) -> 
             head_and_full(fd, size + 1)
     finally:
         os.close(fd)
+
+
+def _fds(tmp_path: Path, a: bytes, b: bytes) -> tuple[int, int]:
+    (tmp_path / "a").write_bytes(a)
+    (tmp_path / "b").write_bytes(b)
+    return os.open(tmp_path / "a", os.O_RDONLY), os.open(tmp_path / "b", os.O_RDONLY)
+
+
+@pytest.mark.parametrize("size", [0, 1, _CHUNK - 1, _CHUNK, _CHUNK + 1, 2 * _CHUNK, 2 * _CHUNK + 5])
+def test_same_content_finds_any_differing_byte_and_any_extra_byte(
+    tmp_path: Path, size: int
+) -> None:
+    data = os.urandom(size)
+    variants = {"equal": (data, True), "longer": (data + b"x", False)}
+    for at in {0, size // 2, _CHUNK - 1, _CHUNK, size - 1}:
+        if 0 <= at < size:
+            flipped = bytearray(data)
+            flipped[at] ^= 0xFF
+            variants[f"byte {at}"] = (bytes(flipped), False)
+    for what, (other, expected) in variants.items():
+        fd_a, fd_b = _fds(tmp_path, data, other)
+        try:
+            assert same_content(fd_a, fd_b, size) is expected, what
+            assert same_content(fd_b, fd_a, size) is expected, what
+        finally:
+            os.close(fd_a)
+            os.close(fd_b)
