@@ -63,8 +63,7 @@ from ._walk import DirOpener, FdCache, FileRec, Observer, Tree, walk
 #: Timestamps newer than this before a digest was taken are not trusted by later runs:
 #: the file may change again within the same timestamp tick.
 _RACY_NS = 2_000_000_000
-#: Catalogue rows a lane gathers before it commits them; rows wait in memory, and
-#: each lane's memory counts.
+#: Catalogue rows gathered before they are committed in one transaction.
 _BATCH_ROWS = 5000
 #: The page cache of a lane's catalogue connection: lanes mostly write.
 _LANE_CACHE_KIB = 256
@@ -89,7 +88,7 @@ class UnifyOptions:
     allow_mutable: bool = False
     wait: bool = False
     metrics_file: str | None = None
-    jobs: int = 0  # processes that link in parallel; 0: CPUs + 1 (see _lanes)
+    jobs: int = 0  # processes that link in parallel; 0: one per CPU (see _lanes)
 
 
 @dataclass

@@ -59,7 +59,7 @@ from ._output import Console
     "-j",
     type=click.IntRange(min=0),
     default=0,
-    help="Processes that link in parallel (default 0: CPUs + 1, at most 8).",
+    help="Processes that link in parallel (default 0: one per CPU, at most 8).",
 )
 @click.option("--wait", is_flag=True, help="Wait for another run to finish instead of exit 75.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results.")
