@@ -46,7 +46,7 @@ RESULTS_DIR = REPO / "bench" / "results"
 TARGET_FIRST = 1.0  # first run wall time, x hardlink -X
 TARGET_RERUN = 0.5  # rerun wall time, x hardlink -X
 TARGET_RSS_PER_MFILE = 300 * 1000 * 1000  # bytes of peak RSS per million files
-RSS_SCALE = 200_000  # files a data set needs for its RSS per million files to be judged
+RSS_SCALE = 1_000_000  # files a data set needs for its memory per million files to be judged
 
 Argv = Callable[[Path, list[Path]], list[str]]
 
@@ -393,16 +393,20 @@ def targets(rows: Sequence[Row], ds: str) -> str:
         )
     runs = [r for r in (first, rerun) if r]
     if runs:
+        files = runs[0].files
         rss = max(r.memory for r in runs)
-        per_m = rss / (runs[0].files / 1e6)
-        # A per-million rate means something at scale; on a small tree the interpreter's
-        # fixed ~25 MB dominates it, so only a data set of RSS_SCALE files is judged.
-        judged = runs[0].files >= RSS_SCALE
+        largest = max(r.peak_rss for r in runs)
+        per_m = rss / (files / 1e6)
+        # A rate per million files is judged at a million files: on a smaller tree the
+        # fixed costs (the interpreter's ~26 MB, each lane's own pages) count several
+        # times over, so there the figures are shown but not judged.
+        judged = files >= RSS_SCALE
         table.append(
             [
                 "peak memory (largest RSS, or summed Pss if more)",
                 "<= 300 MB per million files",
-                f"{rss / 1e6:.0f} MB for {runs[0].files:,} files = {per_m / 1e6:.0f} MB/M",
+                f"{rss / 1e6:.0f} MB for {files:,} files = {per_m / 1e6:.0f} MB/M "
+                f"(largest process: {largest / (files / 1e6) / 1e6:.0f} MB/M)",
                 verdict(per_m <= TARGET_RSS_PER_MFILE)
                 if judged
                 else f"judged at {RSS_SCALE:,} files",
