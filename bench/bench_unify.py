@@ -4,8 +4,8 @@ For each data set (the real guest corpus; the synthetic many-guest tree) every t
 its own `cp -a` copy, then runs once (and again, for tools with a rerun) while we measure
 wall time, peak RSS and the summed Pss of all its processes. Bytes saved are our own
 count: allocated blocks of the distinct inodes under the roots (plus cowlink's store)
-before, minus after. Ratios are against
-`hardlink -X`, which applies the same link policy as cowlink (mode, owner, mtime, xattrs).
+before, minus after. Ratios are against `hardlink -X`, which applies the same link
+policy as cowlink (mode, owner, mtime, xattrs).
 """
 
 from __future__ import annotations

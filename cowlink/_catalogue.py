@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 #: Bound parameters per query; SQLite's own limit is 32,766 (at least 999 in old builds).
 _MAX_PARAMS = 900
@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS runs(
     id INTEGER PRIMARY KEY, command TEXT NOT NULL, started_ns INTEGER NOT NULL,
     duration_s REAL NOT NULL, exit_code INTEGER NOT NULL, stats TEXT NOT NULL);
 """
+
+#: (dev, ino, size, mtime_ns, ctime_ns, head digest, full digest or None)
+DigestRow: TypeAlias = tuple[int, int, int, int, int, bytes, bytes | None]
 
 
 @dataclass(frozen=True)
@@ -175,10 +178,7 @@ class Catalogue:
         row = self._db.execute("SELECT 1 FROM digests WHERE dev = ? LIMIT 1", (dev,)).fetchone()
         return row is not None
 
-    def put_digests(
-        self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]
-    ) -> None:
-        """Record (dev, ino, size, mtime_ns, ctime_ns, head, full) rows."""
+    def put_digests(self, rows: Iterable[DigestRow]) -> None:
         self._db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def forget_digests(self, inodes: Iterable[tuple[int, int]]) -> None:
@@ -378,8 +378,7 @@ class Batch:
         self._dropped: list[tuple[str, bytes]] = []
         self._objects: list[ObjectRow] = []
         #: Keyed by (dev, ino), so that forgetting an inode drops a digest still waiting.
-        self._digests: dict[tuple[int, int], tuple[int, int, int, int, int, bytes, bytes | None]]
-        self._digests = {}
+        self._digests: dict[tuple[int, int], DigestRow] = {}
         self._forget: list[tuple[int, int]] = []
         self._next_group = 0
         self._groups_left = 0
@@ -401,9 +400,7 @@ class Batch:
     def put_object(self, row: ObjectRow) -> None:
         self._objects.append(row)
 
-    def put_digests(
-        self, rows: Iterable[tuple[int, int, int, int, int, bytes, bytes | None]]
-    ) -> None:
+    def put_digests(self, rows: Iterable[DigestRow]) -> None:
         for row in rows:
             self._digests[(row[0], row[1])] = row
 

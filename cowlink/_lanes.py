@@ -83,9 +83,9 @@ def default_lanes() -> int:
     """One lane per CPU this process may run on, at most 8 (the disk is shared anyway).
 
     Not one more, though a lane often waits on the journal: each lane copies pages it
-    shares with the parent as it goes (some 40 MiB over a million files). On two CPUs a
-    third lane linked 200,000 files about a fifth faster, and made a million files cost
-    305 MB instead of 214 (bench/README.md); `--jobs` chooses otherwise.
+    shares with the parent as it goes, more the larger the trees. On two CPUs a third
+    lane linked 200,000 files about a fifth faster, and made a million files cost 305 MB
+    instead of 214 (bench/README.md); `--jobs` chooses otherwise.
     """
     return max(1, min(8, len(os.sched_getaffinity(0))))
 

@@ -67,7 +67,7 @@ _RACY_NS = 2_000_000_000
 _BATCH_ROWS = 5000
 #: The page cache of a lane's catalogue connection: lanes mostly write.
 _LANE_CACHE_KIB = 256
-#: Bounds on the directories kept open for reuse (see _raise_open_file_limit).
+#: Bounds on the directories kept open for reuse (see _dir_fds_to_keep).
 _DIR_FDS_MIN = 64
 _DIR_FDS_MAX = 8192
 #: Candidates of a size class are kept as tree index << _TREE_SHIFT | file index.
@@ -244,17 +244,20 @@ def _run_unify(
 
 def _raise_open_file_limit() -> int:
     """Each root stays open for the whole run: hundreds of guests outgrow cron's 1024.
-
-    Returns how many directories may stay open for reuse: size classes visit files all
-    over the trees, and each directory reopened costs an open and an fstat per level.
-    """
+    Returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
-    if soft == resource.RLIM_INFINITY:
+    return soft
+
+
+def _dir_fds_to_keep(open_file_limit: int) -> int:
+    """How many directories may stay open for reuse: size classes visit files all over
+    the trees, and each directory reopened costs an open and an fstat per level."""
+    if open_file_limit == resource.RLIM_INFINITY:
         return _DIR_FDS_MAX
-    return max(_DIR_FDS_MIN, min(_DIR_FDS_MAX, soft // 4))
+    return max(_DIR_FDS_MIN, min(_DIR_FDS_MAX, open_file_limit // 4))
 
 
 def _resolve_roots(home: Home, options: UnifyOptions) -> list[_Root]:
@@ -418,7 +421,7 @@ class _Engine:
             self.index.load(recover=not self.dry_run, problem=self.problem)
             if not self.dry_run:
                 self.catalogue.set_meta("dirty", "1")
-            dir_fds = FdCache(_raise_open_file_limit())
+            dir_fds = FdCache(_dir_fds_to_keep(_raise_open_file_limit()))
             stack.callback(dir_fds.close)
             for root in roots:
                 fd = os.open(root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cowlink._catalogue import Catalogue, ObjectRow
+from cowlink._catalogue import Catalogue, DigestRow, ObjectRow
 
 
-def _row(ino: int, mtime_ns: int = 1) -> tuple[int, int, int, int, int, bytes, bytes | None]:
+def _row(ino: int, mtime_ns: int = 1) -> DigestRow:
     return (7, ino, 100, mtime_ns, mtime_ns, b"h" * 16, b"f" * 16)
 
 
